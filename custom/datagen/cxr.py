@@ -1,0 +1,156 @@
+"""Deterministic generator of CheXpert-format demo chest X-ray data.
+
+Writes ``OUT/train.csv``, ``OUT/val.csv`` and
+``OUT/images/patientNNNNN/study1/view1_frontal.jpg`` (8-bit grayscale JPEG).
+
+Every image is a chest-like background (body, two darker lungs, spine) with noise.
+Each label owns a distinctive pattern (a blob, ring, bar, ... at its own place on a
+grid over the chest) that is drawn iff the finding is present, so the labels are
+learnable. Each finding is present in ``PREVALENCE`` of the studies.
+
+As in CheXpert, train.csv is "report-labelled": some present findings are written
+as uncertain (-1.0) and some absent ones are left blank (not mentioned); val.csv
+is "expert-labelled" and holds only 1.0 / 0.0. The CSVs also carry fake patient
+identifiers (PatientName, PatientID) that a privacy filter is expected to block.
+
+The same arguments give byte-identical CSVs and identical images.
+
+    python custom/datagen/cxr.py --out DIR --n-train 160 --n-val 60 --seed 1 --site-prefix A
+"""
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_LABELS = [
+    "Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema",
+    "Fibrosis", "Effusion", "Pneumonia", "Pleural_Thickening", "Cardiomegaly", "Nodule",
+    "Mass", "Hernia", "Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum",
+]  # fmt: skip
+EXTRA_COLUMNS = ["Sex", "Age", "Frontal/Lateral", "AP/PA"]
+IDENTIFIER_COLUMNS = ["PatientName", "PatientID"]
+
+PREVALENCE = 0.3  # chance that a finding is present
+UNCERTAIN_RATE = 0.1  # train.csv: share of present findings written as -1.0
+BLANK_RATE = 0.15  # train.csv: share of absent findings left blank
+SIGNAL = 0.30  # peak brightness added by a finding's pattern (image range 0..1)
+NOISE = 0.06  # standard deviation of the Gaussian pixel noise
+GRID_COLUMNS = 6  # finding patterns sit on a GRID_COLUMNS-wide grid over the chest
+SHAPES = ("blob", "ring", "hbar", "vbar", "cross", "square")
+JPEG_QUALITY = 95
+
+
+def chest_background(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A chest-like radiograph background in 0..1: bright body, dark lungs, bright spine."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    dx, dy = rng.uniform(-0.02, 0.02, size=2)
+    body = ((x - 0.5 - dx) / 0.42) ** 2 + ((y - 0.55 - dy) / 0.5) ** 2 < 1
+    lungs = [((x - cx - dx) / 0.16) ** 2 + ((y - 0.5 - dy) / 0.3) ** 2 < 1 for cx in (0.3, 0.7)]
+    spine = np.abs(x - 0.5 - dx) < 0.04
+    image = 0.1 + 0.45 * body - 0.25 * (lungs[0] | lungs[1]) + 0.2 * (spine & body)
+    return image * rng.uniform(0.9, 1.1)
+
+
+def pattern_centre(index: int, n_labels: int) -> tuple[float, float]:
+    """Centre (x, y), as fractions of the image size, of the pattern of label ``index``."""
+    rows = -(-n_labels // GRID_COLUMNS)
+    column, row = index % GRID_COLUMNS, index // GRID_COLUMNS
+    return 0.14 + 0.72 * column / (GRID_COLUMNS - 1), 0.25 + 0.55 * row / max(rows - 1, 1)
+
+
+def pattern(shape: str, size: int, centre: tuple[float, float]) -> np.ndarray:
+    """A unit-peak mask of ``shape`` centred at ``centre`` (fractions), sized relative to the image."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    dx, dy = x - centre[0], y - centre[1]
+    r, w = 0.045, 0.012  # pattern radius and stroke half-width
+    radius = np.hypot(dx, dy)
+    masks = {
+        "blob": np.exp(-(radius**2) / (2 * (r / 1.5) ** 2)),
+        "ring": np.abs(radius - r) < w * 1.5,
+        "hbar": (np.abs(dx) < r) & (np.abs(dy) < w),
+        "vbar": (np.abs(dy) < r) & (np.abs(dx) < w),
+        "cross": ((np.abs(dx) < r) & (np.abs(dy) < w)) | ((np.abs(dy) < r) & (np.abs(dx) < w)),
+        "square": (np.abs(dx) < r * 0.8) & (np.abs(dy) < r * 0.8),
+    }
+    return masks[shape].astype(np.float64)
+
+
+def render_image(findings: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """An 8-bit grayscale image with the pattern of every present finding."""
+    image = chest_background(size, rng)
+    for index in np.flatnonzero(findings):
+        cx, cy = pattern_centre(index, len(findings))
+        jitter = rng.uniform(-0.015, 0.015, size=2)
+        shape = SHAPES[(index + index // GRID_COLUMNS) % len(SHAPES)]
+        image += SIGNAL * rng.uniform(0.8, 1.2) * pattern(shape, size, (cx + jitter[0], cy + jitter[1]))
+    image += rng.normal(0.0, NOISE, size=image.shape)
+    return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def report_labels(findings: np.ndarray, rng: np.random.Generator, expert: bool) -> list[str]:
+    """CheXpert label cells for ``findings``: "1.0"/"0.0", plus "-1.0"/"" unless ``expert``."""
+    cells = []
+    for present in findings:
+        if not expert and present and rng.random() < UNCERTAIN_RATE:
+            cells.append("-1.0")
+        elif not expert and not present and rng.random() < BLANK_RATE:
+            cells.append("")
+        else:
+            cells.append("1.0" if present else "0.0")
+    return cells
+
+
+def write_split(out: Path, split: str, patients: list[int], labels: list[str], size: int, site_prefix: str,
+                rng: np.random.Generator) -> None:
+    """Write ``OUT/<split>.csv`` and one frontal image per patient."""
+    with open(out / f"{split}.csv", "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["Path", *EXTRA_COLUMNS, *labels, *IDENTIFIER_COLUMNS])
+        for patient in patients:
+            findings = rng.random(len(labels)) < PREVALENCE
+            rel_path = f"images/patient{patient:05d}/study1/view1_frontal.jpg"
+            (out / rel_path).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(render_image(findings, size, rng)).save(out / rel_path, quality=JPEG_QUALITY)
+            sex, age, view = rng.choice(["Male", "Female"]), rng.integers(20, 91), rng.choice(["AP", "PA"])
+            writer.writerow(
+                [rel_path, sex, age, "Frontal", view, *report_labels(findings, rng, expert=split == "val"),
+                 f"Demo^Patient{patient:05d}", f"DEMO-{site_prefix}-{patient:05d}"]
+            )  # fmt: skip
+
+
+def generate(out: Path, n_train: int, n_val: int, seed: int, size: int = 128,
+             labels: list[str] = DEFAULT_LABELS, site_prefix: str = "A") -> None:
+    """Write a train and a val split of distinct, seed-dependent patients into ``out``."""
+    rng = np.random.default_rng(seed)
+    patients = [int(p) for p in rng.choice(np.arange(1, 100_000), size=n_train + n_val, replace=False)]
+    out.mkdir(parents=True, exist_ok=True)
+    write_split(out, "train", sorted(patients[:n_train]), labels, size, site_prefix, rng)
+    write_split(out, "val", sorted(patients[n_train:]), labels, size, site_prefix, rng)
+
+
+def labels_from(config_path: Path) -> list[str]:
+    """The ``trainer.labels`` list of a job's client config."""
+    return json.loads(config_path.read_text())["trainer"]["labels"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--n-train", type=int, required=True, help="number of train studies")
+    parser.add_argument("--n-val", type=int, required=True, help="number of val studies")
+    parser.add_argument("--seed", type=int, required=True, help="random seed (use one per site)")
+    parser.add_argument("--size", type=int, default=128, help="image width and height in pixels")
+    parser.add_argument("--labels-from", type=Path, help="job client config whose trainer.labels to use")
+    parser.add_argument("--site-prefix", default="A", help="site tag used in the fake PatientID")
+    args = parser.parse_args()
+    labels = labels_from(args.labels_from) if args.labels_from else DEFAULT_LABELS
+    generate(args.out, args.n_train, args.n_val, args.seed, args.size, labels, args.site_prefix)
+    print(f"wrote {args.n_train} train + {args.n_val} val studies, {len(labels)} labels, to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

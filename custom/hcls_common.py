@@ -1,0 +1,100 @@
+"""Helpers shared by the HCLS trainers: configs, components built by name, seeding.
+
+Two configs reach a trainer:
+
+* the job's trainer config: the top-level ``"trainer"`` object of the NVFlare client
+  config passed with ``--config`` (hyper-parameters, network, optimizer, loss);
+* the site config: a JSON file rendered by deployment into the site's ``local/``
+  folder, found through the ``HCLS_SITE_CONFIG`` environment variable. It says where
+  this site's data lives; data is read only from there, never from the job.
+
+Every error names the file and field (or path) at fault, so that it is actionable
+when it surfaces as a job error from a site.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import monai.networks.nets
+import torch
+from monai.utils import set_determinism
+
+SITE_CONFIG_ENV = "HCLS_SITE_CONFIG"
+
+
+def read_json(path: Path) -> dict:
+    """Read a JSON object from ``path``; a missing or malformed file raises ValueError."""
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def load_trainer_config(config_path: Path, required_keys: tuple[str, ...]) -> dict:
+    """Return the ``"trainer"`` object of the job config, checking that ``required_keys`` are present."""
+    trainer = read_json(config_path).get("trainer")
+    if not isinstance(trainer, dict):
+        raise ValueError(f"{config_path}: missing the top-level 'trainer' object")
+    missing = [key for key in required_keys if key not in trainer]
+    if missing:
+        raise ValueError(f"{config_path}: 'trainer' lacks the field(s) {', '.join(missing)}")
+    return trainer
+
+
+def site_config_path() -> Path:
+    """Path of this site's config file, taken from ``$HCLS_SITE_CONFIG``."""
+    value = os.environ.get(SITE_CONFIG_ENV)
+    if not value:
+        raise ValueError(f"environment variable {SITE_CONFIG_ENV} is not set; it must name the site config JSON")
+    return Path(value)
+
+
+def site_dataset_dir(job_name: str) -> Path:
+    """This site's data directory for ``job_name``: ``data_root / datasets[job_name]``."""
+    path = site_config_path()
+    site = read_json(path)
+    data_root = site.get("data_root")
+    dataset = site.get("datasets", {}).get(job_name)
+    if not data_root:
+        raise ValueError(f"{path}: field 'data_root' is missing or empty")
+    if not dataset:
+        raise ValueError(f"{path}: field 'datasets.{job_name}' is missing or empty")
+    data_dir = Path(data_root) / dataset  # an absolute 'dataset' replaces data_root
+    if not data_dir.is_dir():
+        raise ValueError(f"{path}: dataset directory {data_dir} (datasets.{job_name}) does not exist")
+    return data_dir
+
+
+def _build_by_name(module, spec: dict, config_path: Path, field: str, *args, **overrides):
+    """Instantiate ``module.<spec['name']>(*args, **spec['args'], **overrides)``."""
+    name = spec.get("name")
+    factory = getattr(module, str(name), None)
+    if not isinstance(factory, type):
+        raise ValueError(f"{config_path}: trainer.{field}.name = {name!r} is not a class in {module.__name__}")
+    return factory(*args, **{**spec.get("args", {}), **overrides})
+
+
+def build_network(trainer: dict, config_path: Path) -> torch.nn.Module:
+    """The network named by ``trainer.network``, looked up in ``monai.networks.nets``."""
+    return _build_by_name(monai.networks.nets, trainer["network"], config_path, "network")
+
+
+def build_optimizer(trainer: dict, config_path: Path, params) -> torch.optim.Optimizer:
+    """The optimizer named by ``trainer.optimizer``, looked up in ``torch.optim``."""
+    return _build_by_name(torch.optim, trainer["optimizer"], config_path, "optimizer", params)
+
+
+def build_loss(trainer: dict, config_path: Path, **overrides) -> torch.nn.Module:
+    """The loss named by ``trainer.loss``, looked up in ``torch.nn``; ``overrides`` win over its args."""
+    return _build_by_name(torch.nn, trainer["loss"], config_path, "loss", **overrides)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (MONAI's ``set_determinism``)."""
+    set_determinism(seed=seed)

@@ -1,0 +1,268 @@
+"""Coordinator-side FLARE admin operations through the FLARE API (mutual TLS, admin startup kit).
+
+    python -m ops.flare_admin submit  --kit KIT --job-dir DIR [--wait]
+    python -m ops.flare_admin wait    --kit KIT --job-id ID
+    python -m ops.flare_admin fetch   --kit KIT --job NAME --job-config DIR --out models/NAME [--job-id ID] [--dest DIR]
+    python -m ops.flare_admin status  --kit KIT
+
+Errors are one line on stderr and exit code 1; nothing already fetched is overwritten
+until the new model is complete.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+COMPLETED = "FINISHED:COMPLETED"
+PROGRESS = re.compile(
+    r"(Round \d+ started|Round \d+ finished|validation metric \S+ from client \S+"
+    r"|new best validation metric at round \d+: \S+|Cross-site|Task .*(error|exception)|Exception|ERROR)"
+)
+BEST = re.compile(r"new best validation metric at round (\d+): (\S+)")
+
+
+class AdminError(Exception):
+    pass
+
+
+@contextmanager
+def session(kit: str):
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    kit_path = Path(kit)
+    fed_admin = kit_path / "startup" / "fed_admin.json"
+    if not fed_admin.is_file():
+        raise AdminError(f"admin startup kit {kit} has no startup/fed_admin.json: run 'make provision'")
+    username = json.loads(fed_admin.read_text())["admin"]["username"]
+    try:
+        sess = new_secure_session(username, str(kit_path), timeout=30)
+    except Exception as e:  # the server is down or the kit belongs to another federation
+        raise AdminError(f"cannot reach the FLARE server with {kit} ({e}): run 'make deploy' first") from e
+    try:
+        yield sess
+    finally:
+        sess.close()
+
+
+def submit(kit: str, job_dir: str, wait: bool) -> str:
+    with session(kit) as sess:
+        job_id = sess.submit_job(os.path.abspath(job_dir))
+        print(f"submitted {Path(job_dir).name}: job id {job_id}", flush=True)
+        if wait:
+            wait_job(sess, job_id)
+    return job_id
+
+
+def wait_job(sess, job_id: str, poll_s: float = 3.0) -> dict:
+    """Follow the job until it ends, printing rounds and metrics from the server's job log."""
+    printed = 0
+    status = None
+    while True:
+        meta = sess.get_job_meta(job_id)
+        status = meta.get("status", "")
+        lines = _server_log_lines(sess, job_id)
+        for line in lines[printed:]:
+            if PROGRESS.search(line):
+                print(f"  {_short(line)}", flush=True)
+        printed = max(printed, len(lines))
+        if status.startswith("FINISHED"):
+            break
+        time.sleep(poll_s)
+    print(f"job {job_id}: {status}", flush=True)
+    if status != COMPLETED:
+        raise AdminError(f"job {job_id} ended {status}; see 'make logs' or the job log")
+    return meta
+
+
+def _server_log_lines(sess, job_id: str) -> list:
+    try:
+        logs = sess.get_job_logs(job_id, target="server").get("logs", {})
+    except Exception:  # the log is not there until the job runs
+        return []
+    text = next(iter(logs.values()), "") if logs else ""
+    return text.splitlines() if isinstance(text, str) else []
+
+
+def _short(line: str) -> str:
+    # "2026-11-28 17:10:01,123 - IntimeModelSelector - INFO - [identity=..., ...]: message" -> time + message
+    parts = line.split(" - ")
+    message = parts[-1].split("]: ", 1)[-1]
+    return f"{parts[0][11:19]} {message}" if len(parts) > 2 else line
+
+
+def latest_finished(sess, job_name: str) -> str:
+    jobs = [j for j in sess.list_jobs(detailed=True, name_prefix=job_name) if j.get("name") == job_name]
+    if not jobs:
+        raise AdminError(f"no job named {job_name} on the server: run 'make submit JOB={job_name}'")
+    done = [j for j in jobs if j.get("status") == COMPLETED]
+    if not done:
+        latest = max(jobs, key=lambda j: j.get("submit_time", 0))
+        raise AdminError(
+            f"no finished {job_name} job yet (latest {latest['job_id']} is {latest.get('status')}); "
+            f"wait with 'make submit ... WAIT=1' or pass JOB_ID="
+        )
+    return max(done, key=lambda j: j.get("submit_time", 0))["job_id"]
+
+
+def fetch(kit: str, job_name: str, job_config: str, out: str, job_id: str = "", dest: str = "") -> Path:
+    """Download a finished job and write its best global model as a plain state_dict."""
+    network = network_spec(job_config)
+    key_metric = json.loads(Path(job_config, "config_fed_server.json").read_text()).get("key_metric", "")
+    with session(kit) as sess, tempfile.TemporaryDirectory(prefix="fetch-") as tmp:
+        job_id = job_id or latest_finished(sess, job_name)
+        status = sess.get_job_status(job_id)
+        if status is None:
+            raise AdminError(f"job {job_id} does not exist on the server")
+        if status != COMPLETED:
+            raise AdminError(f"job {job_id} is {status}, not {COMPLETED}: nothing to fetch")
+        result = Path(sess.download_job_result(job_id, destination=tmp))
+        model_path = _find(result, "best_FL_global_model.pt")
+        if model_path is None:
+            raise AdminError(
+                f"job {job_id} has no best model (best_FL_global_model.pt): the server keeps one only after a "
+                f"round > 0 reports {key_metric or 'the key metric'}; run more rounds"
+            )
+        best_round, best_value = _best_from_log(result)
+        out_dir = Path(out)
+        staged = Path(tmp) / "staged"
+        staged.mkdir()
+        state_dict = _plain_state_dict(model_path, network)
+        import torch
+
+        torch.save(state_dict, staged / "best_model.pt")
+        info = {
+            "job": job_name,
+            "job_id": job_id,
+            "round": best_round,
+            "key_metric": key_metric,
+            "value": best_value,
+            "network": network,
+            "sha256": hashlib.sha256((staged / "best_model.pt").read_bytes()).hexdigest(),
+            "nvflare_version": _nvflare_version(),
+            "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (staged / "best_model.json").write_text(json.dumps(info, indent=2) + "\n")
+        cross_site = _find(result, "cross_val_results.json")
+        if cross_site is not None:
+            shutil.copy(cross_site, staged / "cross_site_val.json")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in staged.iterdir():  # earlier files are replaced only once all new ones are ready
+            shutil.move(str(f), str(out_dir / f.name))
+    if dest:
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        for name in ("best_model.pt", "best_model.json"):
+            shutil.copy(out_dir / name, Path(dest) / name)
+    print(f"best model of {job_name} job {job_id}: {out_dir / 'best_model.pt'}")
+    print(f"  round {best_round}, {key_metric} = {best_value}")
+    return out_dir
+
+
+def network_spec(job_config: str) -> dict:
+    """The network the job trains: the server persistor's model in config_fed_server.json."""
+    path = Path(job_config, "config_fed_server.json")
+    config = json.loads(path.read_text())
+    for comp in config.get("components", []):
+        if comp.get("id") == "persistor":
+            model = comp.get("args", {}).get("model")
+            if isinstance(model, dict) and "path" in model:
+                return {"path": model["path"], "args": model.get("args", {})}
+    raise AdminError(f"{path}: no persistor component with args.model {{path, args}}")
+
+
+def build_network(spec: dict):
+    import importlib
+
+    module, _, cls = spec["path"].rpartition(".")
+    return getattr(importlib.import_module(module), cls)(**spec["args"])
+
+
+def _plain_state_dict(model_path: Path, network: dict) -> dict:
+    import numpy as np
+    import torch
+
+    ckpt = torch.load(model_path, map_location="cpu", weights_only=False)
+    weights = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
+    state_dict = {k: torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v for k, v in weights.items()}
+    net = build_network(network)
+    net.load_state_dict(state_dict, strict=True)  # proves it loads before anything is written
+    return net.state_dict()
+
+
+def _best_from_log(result: Path):
+    log = _find(result, "log.txt")
+    matches = BEST.findall(log.read_text()) if log else []
+    if not matches:
+        return None, None
+    rnd, value = matches[-1]
+    return int(rnd), float(value)
+
+
+def _find(root: Path, name: str):
+    hits = sorted(root.rglob(name))
+    return hits[0] if hits else None
+
+
+def _nvflare_version() -> str:
+    from importlib.metadata import version
+
+    return version("nvflare")
+
+
+def status(kit: str) -> None:
+    with session(kit) as sess:
+        info = sess.get_system_info()
+        print(f"server: {info.server_info}")
+        for c in info.client_info:
+            print(f"client: {c.name} (last connected {datetime.fromtimestamp(c.last_connect_time):%H:%M:%S})")
+        jobs = sess.list_jobs(detailed=True)
+        for j in sorted(jobs, key=lambda j: j.get("submit_time", 0))[-10:]:
+            print(f"job {j['job_id']} {j.get('name')}: {j.get('status')} (submitted {j.get('submit_time_iso', '')[:19]})")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="flare_admin")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("submit")
+    s.add_argument("--kit", required=True)
+    s.add_argument("--job-dir", required=True)
+    s.add_argument("--wait", action="store_true")
+    w = sub.add_parser("wait")
+    w.add_argument("--kit", required=True)
+    w.add_argument("--job-id", required=True)
+    f = sub.add_parser("fetch")
+    f.add_argument("--kit", required=True)
+    f.add_argument("--job", required=True)
+    f.add_argument("--job-config", required=True)
+    f.add_argument("--out", required=True)
+    f.add_argument("--job-id", default="")
+    f.add_argument("--dest", default="")
+    st = sub.add_parser("status")
+    st.add_argument("--kit", required=True)
+    a = p.parse_args(argv)
+    try:
+        if a.cmd == "submit":
+            submit(a.kit, a.job_dir, a.wait)
+        elif a.cmd == "wait":
+            with session(a.kit) as sess:
+                wait_job(sess, a.job_id)
+        elif a.cmd == "fetch":
+            fetch(a.kit, a.job, a.job_config, a.out, a.job_id, a.dest)
+        else:
+            status(a.kit)
+    except AdminError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+# Shared by the scripts: paths, the one source of names (provision/project.yml), errors.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=$REPO/.venv
+# Everything generated (kits, local deployments, built jobs, demo data) and fetched models;
+# git-ignored. Tests point both elsewhere.
+export HCLS_WORKSPACE=${HCLS_WORKSPACE:-$REPO/workspace}
+WORK=$HCLS_WORKSPACE
+MODELS_DIR=${MODELS_DIR:-$REPO/models}
+PROJECT_YML=$REPO/provision/project.yml
+PROVISION_DIR=$WORK/provision
+INVENTORY=${INVENTORY:-$REPO/ansible/inventories/local/hosts.yml}
+export PATH=$VENV/bin:$PATH
+export PYTHONPATH=$REPO/custom${PYTHONPATH:+:$PYTHONPATH}
+
+die() { echo "error: $*" >&2; exit 1; }
+
+project_yml() {
+  yq -r "$1" "$PROJECT_YML" 2>/dev/null || die "$PROJECT_YML is not valid YAML (yq '$1' failed)"
+}
+project_name() { project_yml .name; }
+# Server and clients, as named in project.yml.
+participants() { project_yml '.participants[] | select(.type == "server" or .type == "client") | .name'; }
+admin_name() { project_yml '.participants[] | select(.role == "project_admin") | .name' | head -n1; }
+
+# The newest provisioned kit set (workspace/provision/<project>/prod_NN).
+kit_roots() {
+  local d
+  for d in "$PROVISION_DIR/$(project_name)"/prod_*/; do if [[ -d $d ]]; then echo "${d%/}"; fi; done | sort -V
+}
+latest_kit_root() {
+  local root
+  root=$(kit_roots | tail -n1)
+  [[ -n $root ]] || die "no startup kits under $PROVISION_DIR: run 'make provision' first"
+  echo "$root"
+}
+admin_kit() { echo "$(latest_kit_root)/$(admin_name)"; }
+
+# job_configs/<JOB> for a job name, or JOB itself when it is a ready NVFlare job folder.
+job_source() {
+  local job=$1
+  [[ -n $job ]] || die "JOB is not set (jobs: $(ls "$REPO/job_configs" | tr '\n' ' '))"
+  if [[ -f $job/meta.json ]]; then echo "$job"; return; fi
+  [[ -d $REPO/job_configs/$job ]] || die "unknown JOB '$job' (jobs: $(ls "$REPO/job_configs" | tr '\n' ' '))"
+  echo "$REPO/job_configs/$job"
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One-command local federation: scripts/demo.sh [KEEP]
+# provision (once) -> demo data -> deploy server and sites -> submit with the demo profile
+# -> wait with progress -> fetch the best model -> stop the federation (KEEP=1 leaves it running).
+source "$(dirname "$0")/common.sh"
+keep=${1:-}
+jobs=(cxr_classification)
+start=$SECONDS
+
+stop_federation() { [[ -n $keep ]] || "$REPO/scripts/control.sh" stop >/dev/null || true; }
+trap stop_federation EXIT
+
+step() { printf '\n== %s (%ss)\n' "$*" "$((SECONDS - start))"; }
+
+step "provision"
+if kit_roots | grep -q .; then echo "kits exist: $(latest_kit_root) (make provision makes new ones)"
+else "$REPO/scripts/provision.sh"; fi
+
+for job in "${jobs[@]}"; do step "generate $job data"; "$REPO/scripts/generate_data.sh" "$job"; done
+
+step "deploy"
+"$REPO/scripts/deploy.sh" | grep -E '^(PLAY RECAP|[a-z_@.-]+ +: ok=)'
+
+for job in "${jobs[@]}"; do
+  step "train $job (demo profile)"
+  out=$("$REPO/scripts/submit.sh" "$job" demo 1 | tee /dev/stderr)
+  job_id=$(sed -n 's/^submitted .*: job id \(.*\)$/\1/p' <<<"$out")
+  step "fetch $job model"
+  "$REPO/scripts/fetch_model.sh" "$job" "$job_id"
+done
+
+step "done"
+for job in "${jobs[@]}"; do
+  jq -r '"\(.job): \(.key_metric) = \(.value) (round \(.round)) -> models/\(.job)/best_model.pt"' "$MODELS_DIR/$job/best_model.json"
+done
+[[ -n $keep ]] && echo "federation left running: 'make status', 'make down'" || echo "stopping the federation (KEEP=1 leaves it running)"

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install what the project needs: Debian tools and the pinned project venv.
+# Idempotent; `make` runs it whenever requirements.txt is newer than the venv.
+source "$(dirname "$0")/common.sh"
+
+apt_packages=(jq yq openssl)
+missing=()
+for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if (( ${#missing[@]} )); then
+  echo "installing Debian packages: ${missing[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -x $VENV/bin/python ]]; then
+  echo "creating $VENV"
+  python3 -m venv "$VENV"
+fi
+echo "installing requirements.txt into $VENV (first time: a few minutes)"
+"$VENV/bin/pip" install -q --upgrade pip
+"$VENV/bin/pip" install -q -r "$REPO/requirements.txt"
+"$VENV/bin/pip" check
+touch "$VENV/.installed"

@@ -1,0 +1,135 @@
+"""End to end on real parts: nvflare provision, Ansible deploy, real server and client
+processes talking gRPC over mutual TLS, a tiny CXR job submitted through the admin kit,
+and the fetched best model loaded strictly into the network of the job config.
+
+Runs the same scripts as the Makefile, in a private workspace (HCLS_WORKSPACE, MODELS_DIR).
+"""
+
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from monai.networks.nets import DenseNet121
+
+REPO = Path(__file__).resolve().parents[2]
+PORTS = (8003, 8103)
+
+TINY_PROFILE = {
+    "meta": {"resource_spec": {}},
+    "server": {"num_rounds": 2},
+    "client": {"trainer": {"image_size": [32, 32], "batch_size": 8, "num_workers": 0,
+                           "optimizer": {"name": "Adam", "args": {"lr": 0.001}}}},
+}  # fmt: skip
+
+
+def run(*args, env, check=True, timeout=900):
+    result = subprocess.run(
+        [str(REPO / "scripts" / args[0]), *args[1:]], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def root_ca_fingerprint(out: str) -> str:
+    return re.search(r"root CA: (.*)", out).group(1)
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    busy = [p for p in PORTS if port_in_use(p)]
+    if busy:
+        pytest.fail(f"ports {busy} are in use (a running demo? 'make down' stops it)")
+    work = tmp_path_factory.mktemp("federation")
+    environ = dict(os.environ, HCLS_WORKSPACE=str(work / "workspace"), MODELS_DIR=str(work / "models"))
+    environ["CXR_N_TRAIN"], environ["CXR_N_VAL"], environ["CXR_SIZE"] = "24", "16", "32"
+    yield environ
+    run("control.sh", "stop", env=environ, check=False)
+    assert not any(port_in_use(p) for p in PORTS), "the federation did not stop"
+
+
+@pytest.fixture(scope="module")
+def deployed(env):
+    first = run("provision.sh", env=env)
+    second = run("provision.sh", env=env)
+    run("generate_data.sh", "cxr_classification", env=env)
+    deploy = run("deploy.sh", env=env)
+    assert re.search(r"hospital_b\s+: ok=\d+\s+changed=[1-9]", deploy.stdout)
+    return {"fingerprints": (root_ca_fingerprint(first.stdout), root_ca_fingerprint(second.stdout))}
+
+
+def test_reprovisioning_keeps_the_root_ca(deployed, env):
+    first, second = deployed["fingerprints"]
+    assert first == second
+    kits = sorted((Path(env["HCLS_WORKSPACE"]) / "provision" / "hcls-ai-factory").glob("prod_*"))
+    assert len(kits) == 2
+
+
+def test_second_deploy_changes_nothing(deployed, env):
+    out = run("deploy.sh", env=env).stdout
+    recap = re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)\s+unreachable=0\s+failed=0", out, re.M)
+    assert sorted(host for host, _ in recap) == ["flare-server", "hospital_a", "hospital_b"]
+    assert all(changed == "0" for _, changed in recap), out
+
+
+def test_kits_keep_keys_private(deployed, env):
+    local = Path(env["HCLS_WORKSPACE"]) / "local"
+    keys = list(local.glob("*/startup/*.key"))
+    assert len(keys) == 3
+    assert all(oct(k.stat().st_mode & 0o777) == "0o600" for k in keys)
+    fed_client = json.loads((local / "hospital_a" / "startup" / "fed_client.json").read_text())
+    assert fed_client["client"]["connection_security"] == "mtls"
+    assert fed_client["servers"][0]["service"]["scheme"] == "grpc"
+
+
+def test_tiny_cxr_job_trains_and_its_best_model_loads_strictly(deployed, env, tmp_path):
+    profile = tmp_path / "tiny.json"
+    profile.write_text(json.dumps(TINY_PROFILE))
+    out = run("submit.sh", "cxr_classification", str(profile), "1", env=env).stdout
+    job_id = re.search(r"job id (\S+)", out).group(1)
+    assert "Round 1 finished" in out and "FINISHED:COMPLETED" in out
+    assert re.search(r"validation metric \S+ from client hospital_a", out)
+
+    fetched = run("fetch_model.sh", "cxr_classification", "", str(tmp_path / "agent"), env=env).stdout
+    models = Path(env["MODELS_DIR"]) / "cxr_classification"
+    info = json.loads((models / "best_model.json").read_text())
+    assert info["job_id"] == job_id and info["key_metric"] == "val_auc" and info["round"] == 1
+    assert 0.0 <= info["value"] <= 1.0
+    assert info["sha256"] == hashlib.sha256((models / "best_model.pt").read_bytes()).hexdigest()
+    assert info["nvflare_version"] == "2.9.0"
+    assert str(models / "best_model.pt") in fetched
+
+    model = DenseNet121(spatial_dims=2, in_channels=1, out_channels=18)
+    model.load_state_dict(torch.load(models / "best_model.pt"), strict=True)
+    assert (tmp_path / "agent" / "best_model.pt").read_bytes() == (models / "best_model.pt").read_bytes()
+
+    cross_site = json.loads((models / "cross_site_val.json").read_text())
+    assert set(cross_site) == {"hospital_a", "hospital_b"}
+    assert all("val_auc" in json.dumps(results) for results in cross_site.values())
+
+
+def test_bad_input_is_named_and_changes_nothing(deployed, env):
+    models = Path(env["MODELS_DIR"]) / "cxr_classification" / "best_model.pt"
+    before = models.read_bytes() if models.exists() else None
+
+    bad = run("deploy.sh", "hospital_z", env=env, check=False)
+    assert bad.returncode != 0 and "unknown SITE 'hospital_z'" in bad.stderr
+    bad = run("submit.sh", "no_such_job", env=env, check=False)
+    assert bad.returncode != 0 and "unknown JOB 'no_such_job'" in bad.stderr
+    bad = run("fetch_model.sh", "cxr_classification", "00000000-0000-0000-0000-000000000000", env=env, check=False)
+    assert bad.returncode != 0 and "error:" in bad.stderr
+
+    status = run("control.sh", "status", env=env).stdout
+    assert status.count(" running (pid") == 3, status
+    assert (models.read_bytes() if models.exists() else None) == before
