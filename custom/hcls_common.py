@@ -12,6 +12,7 @@ Every error names the file and field (or path) at fault, so that it is actionabl
 when it surfaces as a job error from a site.
 """
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -98,3 +99,37 @@ def build_loss(trainer: dict, config_path: Path, **overrides) -> torch.nn.Module
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (MONAI's ``set_determinism``)."""
     set_determinism(seed=seed)
+
+
+def server_config_path(config_path: Path) -> Path:
+    """The job's server config, next to the client config in the app's config/ folder."""
+    return Path(config_path).with_name("config_fed_server.json")
+
+
+def network_spec(config_path: Path) -> dict:
+    """The network the job trains, ``{"path", "args"}``: the server persistor's ``model``.
+
+    One place for the architecture: the server builds the initial global model from it,
+    the trainers and the model fetch build the same network from it.
+    """
+    path = server_config_path(config_path)
+    for comp in read_json(path).get("components", []):
+        model = comp.get("args", {}).get("model") if comp.get("id") == "persistor" else None
+        if isinstance(model, dict) and "path" in model:
+            return {"path": model["path"], "args": model.get("args", {})}
+    raise ValueError(f"{path}: no 'persistor' component with args.model {{path, args}}")
+
+
+def key_metric(config_path: Path) -> str:
+    """The job's key metric (top-level ``key_metric`` of the server config, used by its model selector)."""
+    path = server_config_path(config_path)
+    name = read_json(path).get("key_metric")
+    if not name:
+        raise ValueError(f"{path}: field 'key_metric' is missing")
+    return name
+
+
+def build_network_from_spec(spec: dict) -> torch.nn.Module:
+    """Instantiate ``spec['path']`` (a dotted class path) with ``spec['args']``."""
+    module_name, _, class_name = spec["path"].rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)(**spec.get("args", {}))

@@ -4,6 +4,10 @@
 source "$(dirname "$0")/common.sh"
 job=$1 job_id=${2:-} dest=${3:-}
 src=$(job_source "$job")
-name=$(basename "$src")
-python -m ops.flare_admin fetch --kit "$(admin_kit)" --job "$name" --job-config "$src" \
+if [[ -d $src/app/config ]]; then   # a ready NVFlare job folder
+  name=$(jq -r .name "$src/meta.json") config=$src/app/config
+else
+  name=$(basename "$src") config=$src
+fi
+python -m ops.flare_admin fetch --kit "$(admin_kit)" --job "$name" --job-config "$config" \
   --out "$MODELS_DIR/$name" ${job_id:+--job-id "$job_id"} ${dest:+--dest "$dest"}

@@ -12,7 +12,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "custom"))
 
-from ops.flare_admin import build_network, network_spec  # noqa: E402
+from hcls_common import build_network_from_spec as build_network  # noqa: E402
+from ops.flare_admin import network_spec  # noqa: E402
 
 JOBS = {
     # job: (network class, optimizer, loss, key metric, rounds, GPU GiB per site, parameters in millions)

@@ -37,7 +37,9 @@ IDENTIFIER_COLUMNS = ["PatientName", "PatientID"]
 PREVALENCE = 0.3  # chance that a finding is present
 UNCERTAIN_RATE = 0.1  # train.csv: share of present findings written as -1.0
 BLANK_RATE = 0.15  # train.csv: share of absent findings left blank
-SIGNAL = 0.30  # peak brightness added by a finding's pattern (image range 0..1)
+# SIGNAL and NOISE are tuned so that DenseNet121 at 64x64 with 160 train studies per site
+# reaches val_auc > 0.9 after about 4 FedAvg rounds of one local epoch.
+SIGNAL = 0.40  # peak brightness added by a finding's pattern (image range 0..1)
 NOISE = 0.06  # standard deviation of the Gaussian pixel noise
 GRID_COLUMNS = 6  # finding patterns sit on a GRID_COLUMNS-wide grid over the chest
 SHAPES = ("blob", "ring", "hbar", "vbar", "cross", "square")
@@ -66,7 +68,7 @@ def pattern(shape: str, size: int, centre: tuple[float, float]) -> np.ndarray:
     """A unit-peak mask of ``shape`` centred at ``centre`` (fractions), sized relative to the image."""
     y, x = np.mgrid[0:size, 0:size] / size
     dx, dy = x - centre[0], y - centre[1]
-    r, w = 0.045, 0.012  # pattern radius and stroke half-width
+    r, w = 0.045, 0.016  # pattern radius and stroke half-width
     radius = np.hypot(dx, dy)
     masks = {
         "blob": np.exp(-(radius**2) / (2 * (r / 1.5) ** 2)),

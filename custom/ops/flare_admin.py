@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+import hcls_common
+
 COMPLETED = "FINISHED:COMPLETED"
 PROGRESS = re.compile(
     r"(Round \d+ started|Round \d+ finished|validation metric \S+ from client \S+"
@@ -116,7 +118,7 @@ def latest_finished(sess, job_name: str) -> str:
 def fetch(kit: str, job_name: str, job_config: str, out: str, job_id: str = "", dest: str = "") -> Path:
     """Download a finished job and write its best global model as a plain state_dict."""
     network = network_spec(job_config)
-    key_metric = json.loads(Path(job_config, "config_fed_server.json").read_text()).get("key_metric", "")
+    key_metric = hcls_common.key_metric(Path(job_config, "config_fed_client.json"))
     with session(kit) as sess, tempfile.TemporaryDirectory(prefix="fetch-") as tmp:
         job_id = job_id or latest_finished(sess, job_name)
         status = sess.get_job_status(job_id)
@@ -167,22 +169,11 @@ def fetch(kit: str, job_name: str, job_config: str, out: str, job_id: str = "", 
 
 
 def network_spec(job_config: str) -> dict:
-    """The network the job trains: the server persistor's model in config_fed_server.json."""
-    path = Path(job_config, "config_fed_server.json")
-    config = json.loads(path.read_text())
-    for comp in config.get("components", []):
-        if comp.get("id") == "persistor":
-            model = comp.get("args", {}).get("model")
-            if isinstance(model, dict) and "path" in model:
-                return {"path": model["path"], "args": model.get("args", {})}
-    raise AdminError(f"{path}: no persistor component with args.model {{path, args}}")
-
-
-def build_network(spec: dict):
-    import importlib
-
-    module, _, cls = spec["path"].rpartition(".")
-    return getattr(importlib.import_module(module), cls)(**spec["args"])
+    """The network the job trains (the server persistor's model), from a job_configs/<job> folder."""
+    try:
+        return hcls_common.network_spec(Path(job_config, "config_fed_client.json"))
+    except ValueError as e:
+        raise AdminError(str(e)) from e
 
 
 def _plain_state_dict(model_path: Path, network: dict) -> dict:
@@ -192,7 +183,7 @@ def _plain_state_dict(model_path: Path, network: dict) -> dict:
     ckpt = torch.load(model_path, map_location="cpu", weights_only=False)
     weights = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
     state_dict = {k: torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v for k, v in weights.items()}
-    net = build_network(network)
+    net = hcls_common.build_network_from_spec(network)
     net.load_state_dict(state_dict, strict=True)  # proves it loads before anything is written
     return net.state_dict()
 
