@@ -46,6 +46,10 @@ submit: $(VENV) ## Build and submit a job through the admin kit (JOB=, PROFILE=d
 fetch-model: $(VENV) ## Download the best global model to models/<JOB>/ (JOB=, JOB_ID=, DEST=)
 	scripts/fetch_model.sh "$(JOB)" "$(JOB_ID)" "$(DEST)"
 
+.PHONY: tensorboard
+tensorboard: $(VENV) ## Serve TensorBoard for the latest fetched run of JOB on port 6006
+	scripts/tensorboard.sh "$(JOB)"
+
 .PHONY: status
 status: $(VENV) ## Show which participants run, and the server's jobs
 	scripts/status.sh

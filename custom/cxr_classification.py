@@ -4,7 +4,9 @@ Run by NVFlare's ClientAPIExecutor from the job's app directory on a site::
 
     python3 -u custom/cxr_classification.py --config config/config_fed_client.json
 
-Hyper-parameters come from the ``"trainer"`` object of ``--config``; the data
+Hyper-parameters come from the ``"trainer"`` object of ``--config``; the network
+(the server persistor's model) and the key metric come from the job's server config
+next to it (the app is deployed to all participants); the data
 directory comes from the site config (``$HCLS_SITE_CONFIG``, key
 ``datasets.cxr_classification``). It holds CheXpert-format ``train.csv`` and
 ``val.csv`` whose ``Path`` column is relative to that directory.
@@ -49,8 +51,8 @@ JOB_NAME = "cxr_classification"
 KEY_METRIC = "val_auc"
 POLICIES = {"ones": 1.0, "zeros": 0.0, "ignore": None}  # value given to an uncertain (-1) label; None = masked
 REQUIRED_KEYS = (
-    "network", "labels", "uncertain_label_policy", "image_size", "optimizer", "loss", "key_metric",
-    "local_epochs", "batch_size", "num_workers", "max_train_samples", "max_val_samples", "seed",
+    "labels", "uncertain_label_policy", "image_size", "optimizer", "loss", "local_epochs", "batch_size",
+    "num_workers", "max_train_samples", "max_val_samples", "seed",
 )  # fmt: skip
 MAX_REPORTED_ERRORS = 20
 
@@ -220,8 +222,10 @@ def train(model, loader, optimizer, loss_fn, epochs: int, device: torch.device) 
 def load_config(config_path: Path) -> dict:
     """The trainer config, with the settings this trainer depends on checked."""
     trainer = hcls_common.load_trainer_config(config_path, REQUIRED_KEYS)
-    if trainer["key_metric"] != KEY_METRIC:
-        raise ValueError(f"{config_path}: trainer.key_metric must be {KEY_METRIC!r}, got {trainer['key_metric']!r}")
+    key_metric = hcls_common.key_metric(config_path)
+    if key_metric != KEY_METRIC:
+        server_config = hcls_common.server_config_path(config_path)
+        raise ValueError(f"{server_config}: key_metric must be {KEY_METRIC!r} for this trainer, got {key_metric!r}")
     if trainer["uncertain_label_policy"] not in POLICIES:
         raise ValueError(
             f"{config_path}: trainer.uncertain_label_policy {trainer['uncertain_label_policy']!r} "
@@ -250,7 +254,7 @@ def main() -> None:
     val_loader = make_loader(val_records, trainer, train=False)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = hcls_common.build_network(trainer, config_path).to(device)
+    model = hcls_common.build_network_from_spec(hcls_common.network_spec(config_path)).to(device)
     optimizer = hcls_common.build_optimizer(trainer, config_path, model.parameters())
     loss_fn = hcls_common.build_loss(trainer, config_path, reduction="none")
 

@@ -3,7 +3,8 @@
 Two configs reach a trainer:
 
 * the job's trainer config: the top-level ``"trainer"`` object of the NVFlare client
-  config passed with ``--config`` (hyper-parameters, network, optimizer, loss);
+  config passed with ``--config`` (hyper-parameters, optimizer, loss); the network
+  and the key metric come from the server config next to it (see ``network_spec``);
 * the site config: a JSON file rendered by deployment into the site's ``local/``
   folder, found through the ``HCLS_SITE_CONFIG`` environment variable. It says where
   this site's data lives; data is read only from there, never from the job.
@@ -17,7 +18,6 @@ import json
 import os
 from pathlib import Path
 
-import monai.networks.nets
 import torch
 from monai.utils import set_determinism
 
@@ -79,11 +79,6 @@ def _build_by_name(module, spec: dict, config_path: Path, field: str, *args, **o
     if not isinstance(factory, type):
         raise ValueError(f"{config_path}: trainer.{field}.name = {name!r} is not a class in {module.__name__}")
     return factory(*args, **{**spec.get("args", {}), **overrides})
-
-
-def build_network(trainer: dict, config_path: Path) -> torch.nn.Module:
-    """The network named by ``trainer.network``, looked up in ``monai.networks.nets``."""
-    return _build_by_name(monai.networks.nets, trainer["network"], config_path, "network")
 
 
 def build_optimizer(trainer: dict, config_path: Path, params) -> torch.optim.Optimizer:

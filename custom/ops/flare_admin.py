@@ -134,6 +134,7 @@ def fetch(kit: str, job_name: str, job_config: str, out: str, job_id: str = "", 
                 f"round > 0 reports {key_metric or 'the key metric'}; run more rounds"
             )
         best_round, best_value = _best_from_log(result)
+        tb_events = _find(result, "tb_events")
         out_dir = Path(out)
         staged = Path(tmp) / "staged"
         staged.mkdir()
@@ -147,6 +148,7 @@ def fetch(kit: str, job_name: str, job_config: str, out: str, job_id: str = "", 
             "round": best_round,
             "key_metric": key_metric,
             "value": best_value,
+            "initial_value": _initial_metric(tb_events, key_metric),
             "network": network,
             "sha256": hashlib.sha256((staged / "best_model.pt").read_bytes()).hexdigest(),
             "nvflare_version": _nvflare_version(),
@@ -156,7 +158,10 @@ def fetch(kit: str, job_name: str, job_config: str, out: str, job_id: str = "", 
         cross_site = _find(result, "cross_val_results.json")
         if cross_site is not None:
             shutil.copy(cross_site, staged / "cross_site_val.json")
+        if tb_events is not None:
+            shutil.copytree(tb_events, staged / "tensorboard")
         out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
         for f in staged.iterdir():  # earlier files are replaced only once all new ones are ready
             shutil.move(str(f), str(out_dir / f.name))
     if dest:
@@ -164,7 +169,7 @@ def fetch(kit: str, job_name: str, job_config: str, out: str, job_id: str = "", 
         for name in ("best_model.pt", "best_model.json"):
             shutil.copy(out_dir / name, Path(dest) / name)
     print(f"best model of {job_name} job {job_id}: {out_dir / 'best_model.pt'}")
-    print(f"  round {best_round}, {key_metric} = {best_value}")
+    print(f"  round {best_round}, {key_metric} = {best_value} (untrained initial model: {info['initial_value']})")
     return out_dir
 
 
@@ -195,6 +200,21 @@ def _best_from_log(result: Path):
         return None, None
     rnd, value = matches[-1]
     return int(rnd), float(value)
+
+
+def _initial_metric(tb_events, key_metric: str):
+    """Mean over sites of the key metric of the initial global model (round 0), from the sites' TensorBoard streams."""
+    if tb_events is None:
+        return None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = []
+    for site_dir in sorted(p for p in Path(tb_events).iterdir() if p.is_dir()):
+        events = EventAccumulator(str(site_dir))
+        events.Reload()
+        if key_metric in events.Tags().get("scalars", []):
+            values.append(min(events.Scalars(key_metric), key=lambda e: e.step).value)
+    return sum(values) / len(values) if values else None
 
 
 def _find(root: Path, name: str):

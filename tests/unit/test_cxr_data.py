@@ -128,18 +128,30 @@ def test_empty_dataset(csv_dir):
 # ---------------------------------------------------------------- configs
 
 
+def write_job_config(app_config: Path, key_metric: str = "val_auc", **trainer_changes) -> Path:
+    """A job's client config with every required trainer key, and its server config next to it."""
+    trainer = {key: None for key in cxr.REQUIRED_KEYS} | {"uncertain_label_policy": "ones"} | trainer_changes
+    (app_config / "config_fed_server.json").write_text(json.dumps({"key_metric": key_metric}))
+    client_config = app_config / "config_fed_client.json"
+    client_config.write_text(json.dumps({"format_version": 2, "trainer": trainer}))
+    return client_config
+
+
 def test_unknown_policy_names_config_file(tmp_path):
-    trainer = {key: None for key in cxr.REQUIRED_KEYS} | {"key_metric": "val_auc", "uncertain_label_policy": "maybe"}
-    config = tmp_path / "config_fed_client.json"
-    config.write_text(json.dumps({"format_version": 2, "trainer": trainer}))
+    config = write_job_config(tmp_path, uncertain_label_policy="maybe")
     with pytest.raises(ValueError, match="config_fed_client.json: trainer.uncertain_label_policy 'maybe'"):
         cxr.load_config(config)
 
 
-def test_unknown_network_names_config_file_and_field(tmp_path):
+def test_other_key_metric_names_server_config(tmp_path):
+    with pytest.raises(ValueError, match="config_fed_server.json: key_metric must be 'val_auc'"):
+        cxr.load_config(write_job_config(tmp_path, key_metric="val_dice"))
+
+
+def test_unknown_optimizer_names_config_file_and_field(tmp_path):
     config = tmp_path / "config_fed_client.json"
-    with pytest.raises(ValueError, match="config_fed_client.json: trainer.network.name = 'DenseNet999'"):
-        hcls_common.build_network({"network": {"name": "DenseNet999", "args": {}}}, config)
+    with pytest.raises(ValueError, match="config_fed_client.json: trainer.optimizer.name = 'Adamm'"):
+        hcls_common.build_optimizer({"optimizer": {"name": "Adamm", "args": {}}}, config, [])
 
 
 def test_site_dataset_dir(tmp_path, monkeypatch, data_dir):
@@ -224,7 +236,8 @@ def test_loader_batches(data_dir):
 
 
 def test_masked_loss_averages_unmasked_elements_only():
-    loss_fn = hcls_common.build_loss({"loss": {"name": "BCEWithLogitsLoss", "args": {}}}, Path("c.json"), reduction="none")
+    trainer = {"loss": {"name": "BCEWithLogitsLoss", "args": {}}}
+    loss_fn = hcls_common.build_loss(trainer, Path("config_fed_client.json"), reduction="none")
     logits = torch.tensor([[0.0, 2.0], [-1.0, 0.0]], requires_grad=True)
     target = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
