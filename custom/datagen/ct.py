@@ -1,0 +1,171 @@
+"""Deterministic generator of MONAI-decathlon-format abdominal CT demo data.
+
+Writes into ``OUT``::
+
+    train_data.json   {"training": [{"image": "imagesTr/ct_0001.nii.gz", "label": "labelsTr/ct_0001.nii.gz"}, ...]}
+    val_data.json     the same for the validation cases
+    imagesTr/ct_NNNN.nii.gz   int16 Hounsfield units
+    labelsTr/ct_NNNN.nii.gz   uint8 labels, 0 = background, 1..13 = the BTCV organs of ``LABELS``
+
+Every volume is a small CT-like abdomen: air (-1000 HU) around an elliptic body of soft
+tissue (~40 HU) under a rim of subcutaneous fat (~-100 HU), a vertebra (bone), and
+organ-like structures drawn as ellipsoids and tubes (liver large in the right upper
+abdomen, spleen left posterior, paired kidneys posterior, aorta and IVC as vertical
+tubes in front of the spine, ...). Each organ has its own mean intensity, position and
+size, jittered per volume, plus Gaussian noise, so that a network can learn the organs
+from intensity and position. The adrenal glands and the portal/splenic veins are too
+small at demo sizes and are never drawn; the gallbladder is missing from some volumes
+(as after a cholecystectomy), so organs absent from a volume are exercised too.
+
+The voxel grid is stored as DICOM-converted CT usually is: the affine has anisotropic
+spacing (1.5 x 1.5 x 2.0 mm), flipped first two axes (LPS-like voxel order) and a
+non-zero origin, so a reader must honour the affine (orientation and spacing).
+
+The same arguments give identical files (gzip headers carry no timestamp).
+
+    cd custom && python -m datagen.ct --out DIR --n-train 10 --n-val 3 --seed 1 [--size 48]
+"""
+
+import argparse
+import gzip
+import io
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+LABELS = [  # BTCV order: label value = index + 1
+    "spleen", "right_kidney", "left_kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
+    "inferior_vena_cava", "portal_and_splenic_veins", "pancreas", "right_adrenal_gland", "left_adrenal_gland",
+]  # fmt: skip
+SPACING = (1.5, 1.5, 2.0)  # mm per voxel along the stored axes
+AIR_HU, FAT_HU, TISSUE_HU, BONE_HU = -1000.0, -100.0, 40.0, 450.0
+NOISE_HU = 15.0  # standard deviation of the Gaussian noise
+GALLBLADDER_RATE = 0.75  # share of volumes that have a gallbladder
+
+# Organs in painting order (later ones overwrite earlier ones). Positions and radii are
+# fractions of the body's semi-axes in patient coordinates: u to the patient's right,
+# v anterior, w superior (RAS). "ellipsoid": centre (u, v, w), radii (u, v, w);
+# "tube": a vertical cylinder at (u, v) of radius r from w0 to w1.
+ORGANS = [
+    {"name": "liver", "hu": 95.0, "shape": "ellipsoid", "centre": (0.38, 0.05, 0.35), "radii": (0.42, 0.5, 0.45)},
+    {"name": "spleen", "hu": 125.0, "shape": "ellipsoid", "centre": (-0.55, -0.25, 0.4), "radii": (0.2, 0.25, 0.3)},
+    {"name": "stomach", "hu": 15.0, "shape": "ellipsoid", "centre": (-0.3, 0.4, 0.35), "radii": (0.25, 0.22, 0.28)},
+    {"name": "right_kidney", "hu": 190.0, "shape": "ellipsoid", "centre": (0.45, -0.45, -0.2), "radii": (0.16, 0.2, 0.32)},
+    {"name": "left_kidney", "hu": 190.0, "shape": "ellipsoid", "centre": (-0.45, -0.45, -0.15), "radii": (0.16, 0.2, 0.32)},
+    {"name": "gallbladder", "hu": -5.0, "shape": "ellipsoid", "centre": (0.3, 0.5, -0.05), "radii": (0.11, 0.12, 0.18)},
+    {"name": "pancreas", "hu": 70.0, "shape": "ellipsoid", "centre": (-0.1, 0.1, -0.05), "radii": (0.38, 0.1, 0.1)},
+    {"name": "aorta", "hu": 230.0, "shape": "tube", "centre": (-0.1, -0.45), "radius": 0.1, "w": (-1.0, 1.0)},
+    {"name": "inferior_vena_cava", "hu": 150.0, "shape": "tube", "centre": (0.18, -0.38), "radius": 0.1, "w": (-1.0, 0.55)},
+    {"name": "esophagus", "hu": 30.0, "shape": "tube", "centre": (-0.05, -0.25), "radius": 0.07, "w": (0.6, 1.0)},
+]  # fmt: skip
+BODY_SEMI_AXES = (0.44, 0.36)  # body ellipse (left-right, anterior-posterior) as fractions of the field of view
+FAT_RIM = 0.85  # normalised body radius beyond which the body is subcutaneous fat
+SPINE = {"centre": (0.0, -0.78), "radius": 0.16}
+
+
+def affine_for(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A DICOM-like affine: anisotropic spacing, first two axes flipped, non-zero origin."""
+    affine = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])
+    centre = np.array([20.0, 180.0, -400.0]) + rng.uniform(-10.0, 10.0, size=3)  # world position of the centre
+    affine[:3, 3] = centre - affine[:3, :3] @ np.full(3, (size - 1) / 2)
+    return affine
+
+
+def world_grid(size: int, affine: np.ndarray) -> np.ndarray:
+    """World (RAS, mm) coordinates of every voxel, shape (3, size, size, size)."""
+    index = np.indices((size, size, size), dtype=np.float64).reshape(3, -1)
+    return (affine[:3, :3] @ index + affine[:3, 3:]).reshape(3, size, size, size)
+
+
+def render_volume(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One case: int16 HU image, uint8 label and the affine."""
+    affine = affine_for(size, rng)
+    world = world_grid(size, affine)
+    centre = affine[:3, :3] @ np.full(3, (size - 1) / 2) + affine[:3, 3]
+    fov = np.array(SPACING) * size
+    scale = rng.uniform(0.9, 1.05)  # body size
+    semi = np.array([BODY_SEMI_AXES[0] * fov[0], BODY_SEMI_AXES[1] * fov[1], 0.5 * fov[2]]) * scale
+    shift = np.append(rng.uniform(-0.04, 0.04, size=2) * fov[:2], 0.0)
+    u, v, w = ((world[i] - centre[i] - shift[i]) / semi[i] for i in range(3))
+    # u is +right because RAS x already points to the patient's right
+
+    body_radius = np.hypot(u, v)
+    body = body_radius < 1.0
+    image = np.full(u.shape, AIR_HU)
+    image[body] = TISSUE_HU
+    image[body & (body_radius > FAT_RIM * rng.uniform(0.95, 1.03))] = FAT_HU
+    spine = np.hypot(u - SPINE["centre"][0], v - SPINE["centre"][1]) < SPINE["radius"]
+    image[spine & body] = BONE_HU
+    label = np.zeros(u.shape, dtype=np.uint8)
+
+    for organ in ORGANS:
+        jitter = rng.uniform(-0.06, 0.06, size=3)
+        grow = rng.uniform(0.85, 1.15)
+        if organ["name"] == "gallbladder" and rng.random() >= GALLBLADDER_RATE:
+            continue
+        if organ["shape"] == "ellipsoid":
+            c, r = np.add(organ["centre"], jitter), np.multiply(organ["radii"], grow)
+            mask = ((u - c[0]) / r[0]) ** 2 + ((v - c[1]) / r[1]) ** 2 + ((w - c[2]) / r[2]) ** 2 < 1.0
+        else:
+            c, r = np.add(organ["centre"], jitter[:2]), organ["radius"] * grow
+            w0, w1 = organ["w"]
+            mask = (np.hypot(u - c[0], v - c[1]) < r) & (w >= w0 + jitter[2]) & (w <= w1 + jitter[2])
+        mask &= body & ~spine
+        image[mask] = organ["hu"] + rng.uniform(-10.0, 10.0)
+        label[mask] = LABELS.index(organ["name"]) + 1
+
+    image += rng.normal(0.0, NOISE_HU, size=image.shape)
+    return np.clip(np.round(image), -1024, 3071).astype(np.int16), label, affine
+
+
+def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """Write ``data`` as a gzipped NIfTI-1 file with a timestamp-free gzip header."""
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_xyzt_units("mm", "sec")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    buffer = io.BytesIO()
+    file_map = nib.Nifti1Image.make_file_map({"image": buffer, "header": buffer})
+    image.to_file_map(file_map)
+    path.write_bytes(gzip.compress(buffer.getvalue(), compresslevel=6, mtime=0))
+
+
+def write_split(out: Path, json_name: str, case_ids: list[int], size: int, rng: np.random.Generator) -> None:
+    """Write the cases of one split and its decathlon-style list."""
+    entries = []
+    for case_id in case_ids:
+        image, label, affine = render_volume(size, rng)
+        entry = {"image": f"imagesTr/ct_{case_id:04d}.nii.gz", "label": f"labelsTr/ct_{case_id:04d}.nii.gz"}
+        save_nifti(image, affine, out / entry["image"])
+        save_nifti(label, affine, out / entry["label"])
+        entries.append(entry)
+    (out / json_name).write_text(json.dumps({"training": entries}, indent=2) + "\n")
+
+
+def generate(out: Path, n_train: int, n_val: int, seed: int, size: int = 48) -> None:
+    """Write ``n_train`` + ``n_val`` cases (ct_0001 ... in that order) into ``out``."""
+    if n_train < 1 or n_val < 1 or size < 16:
+        raise ValueError("need n_train >= 1, n_val >= 1 and size >= 16")
+    rng = np.random.default_rng(seed)
+    for folder in ("imagesTr", "labelsTr"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    write_split(out, "train_data.json", list(range(1, n_train + 1)), size, rng)
+    write_split(out, "val_data.json", list(range(n_train + 1, n_train + n_val + 1)), size, rng)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--n-train", type=int, required=True, help="number of training cases")
+    parser.add_argument("--n-val", type=int, required=True, help="number of validation cases")
+    parser.add_argument("--seed", type=int, required=True, help="random seed (use one per site)")
+    parser.add_argument("--size", type=int, default=48, help="voxels along each axis")
+    args = parser.parse_args()
+    generate(args.out, args.n_train, args.n_val, args.seed, args.size)
+    print(f"wrote {args.n_train} train + {args.n_val} val CT cases of {args.size}^3 voxels to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
