@@ -49,16 +49,16 @@ GALLBLADDER_RATE = 0.75  # share of volumes that have a gallbladder
 # v anterior, w superior (RAS). "ellipsoid": centre (u, v, w), radii (u, v, w);
 # "tube": a vertical cylinder at (u, v) of radius r from w0 to w1.
 ORGANS = [
-    {"name": "liver", "hu": 95.0, "shape": "ellipsoid", "centre": (0.38, 0.05, 0.35), "radii": (0.42, 0.5, 0.45)},
-    {"name": "spleen", "hu": 125.0, "shape": "ellipsoid", "centre": (-0.55, -0.25, 0.4), "radii": (0.2, 0.25, 0.3)},
-    {"name": "stomach", "hu": 15.0, "shape": "ellipsoid", "centre": (-0.3, 0.4, 0.35), "radii": (0.25, 0.22, 0.28)},
-    {"name": "right_kidney", "hu": 190.0, "shape": "ellipsoid", "centre": (0.45, -0.45, -0.2), "radii": (0.16, 0.2, 0.32)},
-    {"name": "left_kidney", "hu": 190.0, "shape": "ellipsoid", "centre": (-0.45, -0.45, -0.15), "radii": (0.16, 0.2, 0.32)},
-    {"name": "gallbladder", "hu": -5.0, "shape": "ellipsoid", "centre": (0.3, 0.5, -0.05), "radii": (0.11, 0.12, 0.18)},
-    {"name": "pancreas", "hu": 70.0, "shape": "ellipsoid", "centre": (-0.1, 0.1, -0.05), "radii": (0.38, 0.1, 0.1)},
-    {"name": "aorta", "hu": 230.0, "shape": "tube", "centre": (-0.1, -0.45), "radius": 0.1, "w": (-1.0, 1.0)},
-    {"name": "inferior_vena_cava", "hu": 150.0, "shape": "tube", "centre": (0.18, -0.38), "radius": 0.1, "w": (-1.0, 0.55)},
-    {"name": "esophagus", "hu": 30.0, "shape": "tube", "centre": (-0.05, -0.25), "radius": 0.07, "w": (0.6, 1.0)},
+    {"name": "liver", "hu": 95.0, "shape": "ellipsoid", "centre": (0.35, 0.05, 0.3), "radii": (0.5, 0.6, 0.55)},
+    {"name": "spleen", "hu": 125.0, "shape": "ellipsoid", "centre": (-0.55, -0.25, 0.35), "radii": (0.25, 0.3, 0.35)},
+    {"name": "stomach", "hu": 15.0, "shape": "ellipsoid", "centre": (-0.3, 0.4, 0.3), "radii": (0.3, 0.28, 0.32)},
+    {"name": "right_kidney", "hu": 190.0, "shape": "ellipsoid", "centre": (0.45, -0.45, -0.25), "radii": (0.2, 0.24, 0.35)},
+    {"name": "left_kidney", "hu": 190.0, "shape": "ellipsoid", "centre": (-0.45, -0.45, -0.2), "radii": (0.2, 0.24, 0.35)},
+    {"name": "gallbladder", "hu": -5.0, "shape": "ellipsoid", "centre": (0.3, 0.5, -0.1), "radii": (0.14, 0.15, 0.22)},
+    {"name": "pancreas", "hu": 70.0, "shape": "ellipsoid", "centre": (-0.1, 0.1, -0.1), "radii": (0.42, 0.13, 0.13)},
+    {"name": "aorta", "hu": 230.0, "shape": "tube", "centre": (-0.1, -0.45), "radius": 0.12, "w": (-1.0, 1.0)},
+    {"name": "inferior_vena_cava", "hu": 150.0, "shape": "tube", "centre": (0.2, -0.38), "radius": 0.12, "w": (-1.0, 0.55)},
+    {"name": "esophagus", "hu": 30.0, "shape": "tube", "centre": (-0.05, -0.25), "radius": 0.09, "w": (0.6, 1.0)},
 ]  # fmt: skip
 BODY_SEMI_AXES = (0.44, 0.36)  # body ellipse (left-right, anterior-posterior) as fractions of the field of view
 FAT_RIM = 0.85  # normalised body radius beyond which the body is subcutaneous fat

@@ -57,20 +57,21 @@ def session(kit: str):
 
 def submit(kit: str, job_dir: str, wait: bool) -> str:
     with session(kit) as sess:
-        job_id = sess.submit_job(os.path.abspath(job_dir))
+        try:
+            job_id = sess.submit_job(os.path.abspath(job_dir))
+        except Exception as e:  # the server validates the job folder and the submitter's rights
+            raise AdminError(f"the server refused job folder {job_dir}: {e}") from e
         print(f"submitted {Path(job_dir).name}: job id {job_id}", flush=True)
         if wait:
             wait_job(sess, job_id)
     return job_id
 
 
-def wait_job(sess, job_id: str, poll_s: float = 3.0) -> dict:
+def wait_job(sess, job_id: str, poll_s: float = 3.0) -> str:
     """Follow the job until it ends, printing rounds and metrics from the server's job log."""
     printed = 0
-    status = None
     while True:
-        meta = sess.get_job_meta(job_id)
-        status = meta.get("status", "")
+        status = job_status(sess, job_id)
         lines = _server_log_lines(sess, job_id)
         for line in lines[printed:]:
             if PROGRESS.search(line):
@@ -81,8 +82,8 @@ def wait_job(sess, job_id: str, poll_s: float = 3.0) -> dict:
         time.sleep(poll_s)
     print(f"job {job_id}: {status}", flush=True)
     if status != COMPLETED:
-        raise AdminError(f"job {job_id} ended {status}; see 'make logs' or the job log")
-    return meta
+        raise AdminError(f"job {job_id} ended {status}; see the sites' log.txt")
+    return status
 
 
 def _server_log_lines(sess, job_id: str) -> list:
@@ -99,6 +100,18 @@ def _short(line: str) -> str:
     parts = line.split(" - ")
     message = parts[-1].split("]: ", 1)[-1]
     return f"{parts[0][11:19]} {message}" if len(parts) > 2 else line
+
+
+def job_status(sess, job_id: str) -> str:
+    from nvflare.fuel.flare_api.api_spec import JobNotFound
+
+    try:
+        status = sess.get_job_status(job_id)
+    except JobNotFound:
+        status = None
+    if status is None:
+        raise AdminError(f"job {job_id} does not exist on the server")
+    return status
 
 
 def latest_finished(sess, job_name: str) -> str:
@@ -121,9 +134,7 @@ def fetch(kit: str, job_name: str, job_config: str, out: str, job_id: str = "", 
     key_metric = hcls_common.key_metric(Path(job_config, "config_fed_client.json"))
     with session(kit) as sess, tempfile.TemporaryDirectory(prefix="fetch-") as tmp:
         job_id = job_id or latest_finished(sess, job_name)
-        status = sess.get_job_status(job_id)
-        if status is None:
-            raise AdminError(f"job {job_id} does not exist on the server")
+        status = job_status(sess, job_id)
         if status != COMPLETED:
             raise AdminError(f"job {job_id} is {status}, not {COMPLETED}: nothing to fetch")
         result = Path(sess.download_job_result(job_id, destination=tmp))

@@ -130,6 +130,14 @@ def test_bad_input_is_named_and_changes_nothing(deployed, env):
     bad = run("fetch_model.sh", "cxr_classification", "00000000-0000-0000-0000-000000000000", env=env, check=False)
     assert bad.returncode != 0 and "error:" in bad.stderr
 
+    data = Path(env["HCLS_WORKSPACE"]) / "data" / "hospital_b"
+    data.rename(data.with_name("hospital_b.moved"))
+    try:
+        bad = run("deploy.sh", "hospital_b", env=env, check=False)
+    finally:
+        data.with_name("hospital_b.moved").rename(data)
+    assert bad.returncode != 0 and f"hospital_b: data root {data}" in bad.stdout
+
     status = run("control.sh", "status", env=env).stdout
     assert status.count(" running (pid") == 3, status
     assert (models.read_bytes() if models.exists() else None) == before

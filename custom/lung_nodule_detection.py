@@ -1,0 +1,510 @@
+"""NVFlare Client API trainer for the ``lung_nodule_detection`` job: 3D lung nodule detection (LUNA16).
+
+Run by NVFlare's ClientAPIExecutor from the job's app directory on a site::
+
+    python3 -u custom/lung_nodule_detection.py --config config/config_fed_client.json
+
+Hyper-parameters come from the ``"trainer"`` object of ``--config``; the network
+(``NoduleRetinaNet``, the server persistor's model) and the key metric come from the job's
+server config next to it; the data directory comes from the site config
+(``$HCLS_SITE_CONFIG``, key ``datasets.lung_nodule_detection``). The exchanged parameters
+are the network's state_dict; the detector around it (anchors, matcher, sampler, losses,
+box selection, sliding-window inference) follows MONAI's LUNA16 detection tutorial.
+
+Data directory (LUNA16 layout):
+
+* ``images/<seriesuid>.nii.gz`` (or ``.nii``): the CT volumes;
+* ``annotations/annotations.csv``: ``seriesuid,coordX,coordY,coordZ,diameter_mm``, the
+  nodule centres in LUNA16's world coordinates, ITK/LPS millimetres;
+* ``train_data.json`` / ``val_data.json``: the series of each split,
+  ``{"training": [{"image": "images/<uid>.nii.gz", "seriesuid": "<uid>"}, ...]}``
+  (``"validation"`` in ``val_data.json``). Boxes come from annotations.csv.
+
+A nodule's box is the cube of side ``diameter_mm`` around its centre. World positions
+reach voxels only through each image's affine: NIfTI affines are RAS, so an LPS point is
+turned to RAS (x and y negated) and then through the inverse affine (``world_to_voxel``;
+in the pipeline, MONAI's ``AffineBoxToImageCoordinated`` with ``affine_lps_to_ras=True``,
+applied after resampling to ``trainer.spacing`` so that it uses the resampled affine).
+
+Before training, annotations.csv and both split lists are checked whole; every problem is
+a ValueError line naming the file and the row (CSV: the file's line number, header = row 1)
+or the entry (JSON: ``training[i]``): a missing file or header, a non-numeric or
+non-positive value, a seriesuid without an image in ``images/``, a nodule centre outside
+its volume, a list entry naming a missing, non-NIfTI (by extension or unreadable NIfTI
+header) or mismatched file, an empty split or one without any nodule.
+
+Key metric ``val_froc``: mean sensitivity at ``trainer.froc_fps_per_scan`` false positives
+per scan, boxes matched at IoU >= 0.1 (see ``froc.py``), on whole validation volumes.
+"""
+
+import argparse
+import copy
+import csv
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import nvflare.client as flare
+import torch
+from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+from monai.apps.detection.transforms.dictionary import (
+    AffineBoxToImageCoordinated,
+    ClipBoxToImaged,
+    ConvertBoxToStandardModed,
+    RandCropBoxByPosNegLabeld,
+    RandFlipBoxd,
+    RandRotateBox90d,
+)
+from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+from monai.data import DataLoader, Dataset
+from monai.data.utils import no_collation
+from monai.losses import FocalLoss
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    Lambdad,
+    LoadImaged,
+    Orientationd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.client.tracking import SummaryWriter
+
+import froc
+import hcls_common
+
+JOB_NAME = "lung_nodule_detection"
+KEY_METRIC = "val_froc"
+REQUIRED_KEYS = (
+    "spacing", "intensity_range", "patch_size", "val_patch_size", "anchors", "matcher", "sampler",
+    "classification_loss", "box_regression_loss", "inference", "froc_fps_per_scan", "optimizer",
+    "local_epochs", "batch_size", "num_workers", "max_train_samples", "max_val_samples", "seed",
+)  # fmt: skip
+ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
+ANNOTATIONS_CSV = "annotations/annotations.csv"
+SPLITS = {"train": ("train_data.json", "training"), "val": ("val_data.json", "validation")}
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+CLASSIFICATION_LOSSES = ("focal", "bce")
+BOX_REGRESSION_LOSSES = ("smooth_l1",)
+IOU_THRESHOLD = froc.LUNA16_IOU_THRESHOLD
+MAX_REPORTED_ERRORS = 20
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def world_to_voxel(points_lps_mm, affine) -> np.ndarray:
+    """Continuous voxel indices (i, j, k; voxel centres at integers) of LPS world points in mm.
+
+    ``points_lps_mm``: ``(3,)`` or ``(N, 3)`` ITK/LPS world coordinates (LUNA16's coordX/Y/Z);
+    ``affine``: the image's 4x4 NIfTI (RAS) affine, voxel index -> RAS world. The points are
+    turned to RAS (x and y negated) and mapped through the inverse affine, so spacing,
+    origin and direction (flips included) are all honoured.
+    """
+    points = np.asarray(points_lps_mm, dtype=np.float64)
+    ras = points.reshape(-1, 3) * np.array([-1.0, -1.0, 1.0])
+    inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    voxels = ras @ inverse[:3, :3].T + inverse[:3, 3]
+    return voxels.reshape(points.shape)
+
+
+def inside_volume(voxel: np.ndarray, shape) -> bool:
+    """Whether a continuous voxel position lies in a volume of ``shape`` (voxel k spans k +- 0.5)."""
+    return bool(np.all(voxel >= -0.5) and np.all(voxel < np.asarray(shape[:3]) - 0.5))
+
+
+def nifti_geometry(path: Path) -> tuple[np.ndarray, tuple[int, ...]]:
+    """RAS affine and 3D shape from a NIfTI header; ValueError if ``path`` is not a readable 3D NIfTI file."""
+    if not path.name.endswith(NIFTI_SUFFIXES):
+        raise ValueError(f"{path}: not a NIfTI file (expected a .nii.gz or .nii file name)")
+    try:
+        image = nib.load(path)  # reads the header only
+    except Exception as err:  # nibabel raises many types for a corrupt or foreign file
+        raise ValueError(f"{path}: not a readable NIfTI file: {err}") from err
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        raise ValueError(f"{path}: not a NIfTI image ({type(image).__name__})")
+    shape = tuple(int(s) for s in image.shape)
+    if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
+        raise ValueError(f"{path}: expected a 3D volume, got shape {shape}")
+    return np.asarray(image.affine, dtype=np.float64), shape[:3]
+
+
+def voxel_box_corners(box: np.ndarray) -> np.ndarray:
+    """Voxel-index boxes (voxel centres at integers) to MONAI box coordinates (voxel k spans [k, k+1])."""
+    return box + 0.5
+
+
+# ---------------------------------------------------------------- data checking
+
+
+class _Geometries(dict):
+    """Cache of ``nifti_geometry`` by path (each header read once)."""
+
+    def __missing__(self, path: Path):
+        self[path] = nifti_geometry(path)
+        return self[path]
+
+
+def series_image(images_dir: Path, uid: str) -> Path:
+    """The image of series ``uid`` in ``images_dir``; ValueError if there is none."""
+    for suffix in NIFTI_SUFFIXES:
+        path = images_dir / f"{uid}{suffix}"
+        if path.is_file():
+            return path
+    raise ValueError(f"column 'seriesuid': series {uid!r} has no image {uid}.nii.gz (or .nii) in {images_dir}")
+
+
+def parse_annotation(row: dict) -> tuple[str, np.ndarray, float]:
+    """Series uid, LPS centre (mm) and diameter (mm) of one annotations.csv row; ValueError on a bad value."""
+    uid = (row["seriesuid"] or "").strip()
+    if not uid:
+        raise ValueError("column 'seriesuid': empty")
+    values = []
+    for column in ANNOTATION_COLUMNS[1:]:
+        cell = (row[column] or "").strip()
+        try:
+            value = float(cell)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"column {column!r}: value {cell!r} is not a finite number")
+        values.append(value)
+    if values[3] <= 0:
+        raise ValueError(f"column 'diameter_mm': value {values[3]} is not positive")
+    return uid, np.array(values[:3]), values[3]
+
+
+def read_annotations(csv_path: Path, images_dir: Path, geometries: dict, errors: list[str]) -> dict[str, list]:
+    """Nodules by series uid: ``[(centre_lps_mm, diameter_mm), ...]``; row problems are appended to ``errors``."""
+    if not csv_path.is_file():
+        raise ValueError(f"{csv_path}: annotations file not found")
+    nodules: dict[str, list] = {}
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ANNOTATION_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(
+                f"{csv_path}, row 1 (header): missing column(s) {', '.join(repr(c) for c in missing)}; "
+                f"expected the header {','.join(ANNOTATION_COLUMNS)}"
+            )
+        for row in reader:
+            try:
+                uid, centre, diameter = parse_annotation(row)
+                image = series_image(images_dir, uid)
+                affine, shape = geometries[image]
+                voxel = world_to_voxel(centre, affine)
+                if not inside_volume(voxel, shape):
+                    raise ValueError(
+                        f"columns coordX,coordY,coordZ: world position {tuple(centre.round(3).tolist())} mm "
+                        f"(LPS) is outside the volume {image.name}: voxel {tuple(voxel.round(1).tolist())}, "
+                        f"shape {shape}"
+                    )
+            except ValueError as err:
+                errors.append(f"{csv_path}, row {reader.line_num}, {err}")
+                continue
+            nodules.setdefault(uid, []).append((centre, diameter))
+    return nodules
+
+
+def read_split(list_path: Path, key: str, data_dir: Path, geometries: dict, errors: list[str]) -> list[dict]:
+    """``[{"image": path, "seriesuid": uid}]`` of one split list; entry problems are appended to ``errors``."""
+    entries = hcls_common.read_json(list_path).get(key)
+    if not isinstance(entries, list):
+        raise ValueError(f"{list_path}: missing the list {key!r} of series")
+    if not entries:
+        raise ValueError(f"{list_path}: {key!r} lists no series, the split is empty")
+    series = []
+    for index, entry in enumerate(entries):
+        where = f"{list_path}, entry {key}[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not entry.get("seriesuid"):
+            errors.append(f"{where}: expected an object with 'image' (a path) and 'seriesuid'")
+            continue
+        uid, image = str(entry["seriesuid"]), data_dir / entry["image"]
+        if not image.is_file():
+            errors.append(f"{where}, field 'image': image file {image} does not exist")
+            continue
+        try:
+            geometries[image]
+        except ValueError as err:
+            errors.append(f"{where}, field 'image': {err}")
+            continue
+        if image.name not in {f"{uid}{suffix}" for suffix in NIFTI_SUFFIXES}:
+            errors.append(f"{where}: image file {image.name} is not named after its seriesuid {uid!r}")
+            continue
+        series.append({"image": str(image), "seriesuid": uid})
+    return series
+
+
+def nodule_boxes(nodules: list) -> np.ndarray:
+    """``(N, 6)`` float32 LPS world boxes in MONAI's ``cccwhd`` mode: cubes of side diameter_mm."""
+    boxes = [[*centre, diameter, diameter, diameter] for centre, diameter in nodules]
+    return np.asarray(boxes, dtype=np.float32).reshape(-1, 6)
+
+
+def load_data(trainer: dict, data_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Validated train and val records ``{"image", "seriesuid", "box", "label"}`` from ``data_dir``."""
+    geometries, errors = _Geometries(), []
+    nodules = read_annotations(data_dir / ANNOTATIONS_CSV, data_dir / "images", geometries, errors)
+    splits = {name: read_split(data_dir / file, key, data_dir, geometries, errors) for name, (file, key) in SPLITS.items()}
+    if errors:
+        more = f"\n... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
+        raise ValueError("\n".join(errors[:MAX_REPORTED_ERRORS]) + more)
+    records = {}
+    for name, series in splits.items():
+        max_samples = trainer[f"max_{name}_samples"]
+        series = series[:max_samples] if max_samples > 0 else series
+        records[name] = [
+            {**s, "box": nodule_boxes(nodules.get(s["seriesuid"], [])),
+             "label": np.zeros(len(nodules.get(s["seriesuid"], [])), dtype=np.int64)}
+            for s in series
+        ]  # fmt: skip
+        if not any(len(r["label"]) for r in records[name]):
+            file, key = SPLITS[name]
+            raise ValueError(
+                f"{data_dir / file}: no series of {key!r} has a nodule in {data_dir / ANNOTATIONS_CSV}; "
+                "detection cannot be trained or evaluated on it"
+            )
+    return records["train"], records["val"]
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def detection_transforms(trainer: dict, train: bool) -> Compose:
+    """LUNA16 pipeline: load, RAS, resample to ``spacing``, HU window -> 0..1, world boxes -> voxel boxes.
+
+    Training adds ``batch_size`` random ``patch_size`` crops per volume (half of them holding
+    a whole nodule, as in MONAI's tutorial) and flips / 90-degree rotations / intensity jitter.
+    """
+    low, high = trainer["intensity_range"]
+    transforms = [
+        LoadImaged(keys="image", image_only=True),
+        EnsureChannelFirstd(keys="image"),
+        Orientationd(keys="image", axcodes="RAS", labels=None),  # labels from the MetaTensor space (RAS)
+        Spacingd(keys="image", pixdim=trainer["spacing"], mode="bilinear"),
+        ScaleIntensityRanged(keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
+        ConvertBoxToStandardModed(box_keys="box", mode="cccwhd"),
+        # world (LPS mm) -> voxel index through the resampled image's RAS affine
+        AffineBoxToImageCoordinated(box_keys="box", box_ref_image_keys="image", affine_lps_to_ras=True),
+        Lambdad(keys="box", func=voxel_box_corners),
+        EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+        EnsureTyped(keys="box", dtype=torch.float32, track_meta=False),
+        EnsureTyped(keys="label", dtype=torch.long, track_meta=False),
+    ]
+    if train:
+        box_args = {"image_keys": "image", "box_keys": "box", "box_ref_image_keys": "image"}
+        transforms += [
+            RandCropBoxByPosNegLabeld(
+                image_keys="image", box_keys="box", label_keys="label", spatial_size=trainer["patch_size"],
+                whole_box=True, num_samples=trainer["batch_size"], pos=1, neg=1, allow_smaller=True,
+            ),
+            ClipBoxToImaged(box_keys="box", label_keys="label", box_ref_image_keys="image", remove_empty=True),
+            RandFlipBoxd(**box_args, prob=0.5, spatial_axis=0),
+            RandFlipBoxd(**box_args, prob=0.5, spatial_axis=1),
+            RandFlipBoxd(**box_args, prob=0.5, spatial_axis=2),
+            RandRotateBox90d(**box_args, prob=0.75, max_k=3, spatial_axes=(0, 1)),
+            RandScaleIntensityd(keys="image", prob=0.15, factors=0.1),
+            RandShiftIntensityd(keys="image", prob=0.15, offsets=0.1),
+            EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+            EnsureTyped(keys="box", dtype=torch.float32, track_meta=False),
+            EnsureTyped(keys="label", dtype=torch.long, track_meta=False),
+        ]  # fmt: skip
+    return Compose(transforms)
+
+
+def make_loader(records: list[dict], trainer: dict, train: bool) -> DataLoader:
+    """One volume per batch (a list of ``batch_size`` patches when training), no collation."""
+    dataset = Dataset(records, transform=detection_transforms(trainer, train))
+    return DataLoader(dataset, batch_size=1, shuffle=train, num_workers=trainer["num_workers"], collate_fn=no_collation)
+
+
+# ---------------------------------------------------------------- detector
+
+
+def build_detector(network: torch.nn.Module, trainer: dict, config_path: Path) -> RetinaNetDetector:
+    """MONAI's RetinaNetDetector around ``network``, configured from ``trainer`` (tutorial settings)."""
+    size_divisible = tuple(int(s) for s in network.size_divisible)
+    for field in ("patch_size", "val_patch_size"):
+        if len(trainer[field]) != 3 or any(p % s for p, s in zip(trainer[field], size_divisible)):
+            raise ValueError(
+                f"{config_path}: trainer.{field} {trainer[field]} must be 3 sizes divisible by the network's "
+                f"size_divisible {list(size_divisible)}"
+            )
+    anchors = trainer["anchors"]
+    if len(anchors["base_anchor_shapes"]) != network.num_anchors:
+        raise ValueError(
+            f"{config_path}: trainer.anchors.base_anchor_shapes has {len(anchors['base_anchor_shapes'])} shapes, "
+            f"the network has num_anchors={network.num_anchors}"
+        )
+    anchor_generator = AnchorGeneratorWithAnchorShape(
+        feature_map_scales=anchors["feature_map_scales"], base_anchor_shapes=anchors["base_anchor_shapes"]
+    )
+    detector = RetinaNetDetector(network=network, anchor_generator=anchor_generator)
+    detector.set_target_keys(box_key="box", label_key="label")
+    matcher = trainer["matcher"]
+    detector.set_regular_matcher(
+        matcher["fg_iou_thresh"], matcher["bg_iou_thresh"], allow_low_quality_matches=matcher["allow_low_quality_matches"]
+    )
+    sampler = trainer["sampler"]
+    if "pool_size" in sampler or "min_neg" in sampler:
+        detector.set_hard_negative_sampler(
+            batch_size_per_image=sampler["batch_size_per_image"], positive_fraction=sampler["positive_fraction"],
+            pool_size=sampler.get("pool_size", 10), min_neg=sampler.get("min_neg", 1),
+        )  # fmt: skip
+    else:
+        detector.set_balanced_sampler(sampler["batch_size_per_image"], sampler["positive_fraction"])
+    # The detector's default classification loss is BCE; the job asks for the focal loss.
+    if trainer["classification_loss"] == "focal":
+        detector.set_cls_loss(FocalLoss(reduction="mean", gamma=2.0))
+    else:
+        detector.set_cls_loss(torch.nn.BCEWithLogitsLoss(reduction="mean"))
+    detector.set_box_regression_loss(
+        torch.nn.SmoothL1Loss(beta=1.0 / 9, reduction="mean"), encode_gt=True, decode_pred=False
+    )
+    inference = trainer["inference"]
+    detector.set_box_selector_parameters(
+        score_thresh=inference["score_thresh"], topk_candidates_per_level=inference["topk_candidates_per_level"],
+        nms_thresh=inference["nms_thresh"], detections_per_img=inference["detections_per_img"],
+    )  # fmt: skip
+    detector.set_sliding_window_inferer(
+        roi_size=trainer["val_patch_size"], overlap=0.25, sw_batch_size=1, mode="constant", device="cpu"
+    )
+    return detector
+
+
+def autocast(device: torch.device, amp: bool):
+    """Mixed precision on CUDA when ``amp`` (MONAI's tutorial trains with AMP); a no-op otherwise."""
+    return torch.autocast(device_type="cuda") if amp and device.type == "cuda" else nullcontext()
+
+
+# ---------------------------------------------------------------- train / evaluate
+
+
+def train(detector, loader, optimizer, scaler, epochs: int, device: torch.device, amp: bool) -> tuple[float, int]:
+    """Train ``epochs`` epochs, one optimizer step per volume's patches; return mean loss and steps."""
+    detector.train()
+    total, steps = 0.0, 0
+    for _ in range(epochs):
+        for batch in loader:
+            samples = [s for item in batch for s in (item if isinstance(item, list) else [item])]
+            images = [s["image"].to(device) for s in samples]
+            targets = [{"box": s["box"].to(device), "label": s["label"].to(device)} for s in samples]
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, amp):
+                losses = detector(images, targets)
+                loss = losses[detector.cls_key] + losses[detector.box_reg_key]
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total, steps = total + loss.item(), steps + 1
+    return total / max(steps, 1), steps
+
+
+def predict(detector, loader, device: torch.device, val_patch_size, amp: bool) -> tuple[list, list, list]:
+    """Predicted boxes and scores and ground-truth boxes (voxel coordinates) of every validation volume."""
+    detector.eval()
+    pred_boxes, pred_scores, gt_boxes = [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            for item in batch:
+                image = item["image"].to(device)
+                use_inferer = any(s > p for s, p in zip(image.shape[1:], val_patch_size))
+                with autocast(device, amp):
+                    output = detector([image], use_inferer=use_inferer)[0]
+                pred_boxes.append(output[detector.target_box_key].float().cpu().numpy())
+                pred_scores.append(output[detector.pred_score_key].float().cpu().numpy())
+                gt_boxes.append(item["box"].cpu().numpy())
+    return pred_boxes, pred_scores, gt_boxes
+
+
+def evaluate(detector, loader, device: torch.device, trainer: dict, amp: bool = False) -> dict:
+    """``{"val_froc": ...}`` of the detector on whole validation volumes."""
+    pred_boxes, pred_scores, gt_boxes = predict(detector, loader, device, trainer["val_patch_size"], amp)
+    score = froc.froc_score(pred_boxes, pred_scores, gt_boxes, trainer["froc_fps_per_scan"], IOU_THRESHOLD)
+    return {KEY_METRIC: score}
+
+
+# ---------------------------------------------------------------- FLARE loop
+
+
+def load_config(config_path: Path) -> dict:
+    """The trainer config, with the settings this trainer depends on checked."""
+    trainer = hcls_common.load_trainer_config(config_path, REQUIRED_KEYS)
+    key_metric = hcls_common.key_metric(config_path)
+    if key_metric != KEY_METRIC:
+        server_config = hcls_common.server_config_path(config_path)
+        raise ValueError(f"{server_config}: key_metric must be {KEY_METRIC!r} for this trainer, got {key_metric!r}")
+    for field, allowed in (("classification_loss", CLASSIFICATION_LOSSES), ("box_regression_loss", BOX_REGRESSION_LOSSES)):
+        if trainer[field] not in allowed:
+            raise ValueError(f"{config_path}: trainer.{field} {trainer[field]!r} is not one of {', '.join(allowed)}")
+    return trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Lung nodule detection trainer (NVFlare Client API)")
+    parser.add_argument("--config", type=Path, required=True, help="job client config with a 'trainer' object")
+    config_path = parser.parse_args().config
+
+    trainer = load_config(config_path)
+    hcls_common.seed_everything(trainer["seed"])
+    train_records, val_records = load_data(trainer, hcls_common.site_dataset_dir(JOB_NAME))
+    train_loader = make_loader(train_records, trainer, train=True)
+    val_loader = make_loader(val_records, trainer, train=False)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = bool(trainer.get("amp", True)) and device.type == "cuda"
+    network = hcls_common.build_network_from_spec(hcls_common.network_spec(config_path))
+    detector = build_detector(network, trainer, config_path).to(device)
+    optimizer = hcls_common.build_optimizer(trainer, config_path, detector.network.parameters())
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    flare.init()
+    site = flare.get_site_name()
+    writer = SummaryWriter()
+    best_local_state, best_local_froc = None, -math.inf
+    n_nodules = sum(len(r["label"]) for r in train_records)
+    print(
+        f"[{site}] {JOB_NAME}: n_train={len(train_records)} ({n_nodules} nodules) n_val={len(val_records)} "
+        f"device={device} amp={amp}"
+    )
+
+    while flare.is_running():
+        input_model = flare.receive()
+        if flare.is_submit_model():
+            state = detector.network.state_dict() if best_local_state is None else best_local_state
+            flare.send(FLModel(params=state))
+            continue
+
+        detector.network.load_state_dict(input_model.params)
+        metrics = evaluate(detector, val_loader, device, trainer, amp)
+        if flare.is_evaluate():
+            flare.send(FLModel(metrics=metrics))
+            continue
+
+        round_no, started = input_model.current_round, time.time()
+        train_loss, steps = train(detector, train_loader, optimizer, scaler, trainer["local_epochs"], device, amp)
+        local_froc = evaluate(detector, val_loader, device, trainer, amp)[KEY_METRIC]
+        if local_froc > best_local_froc:  # nan never counts as better
+            best_local_state, best_local_froc = copy.deepcopy(detector.network.state_dict()), local_froc
+
+        writer.add_scalar("train_loss", train_loss, global_step=round_no)
+        writer.add_scalar(KEY_METRIC, metrics[KEY_METRIC], global_step=round_no)
+        writer.add_scalar(f"{KEY_METRIC}_local", local_froc, global_step=round_no)
+        print(
+            f"[{site}] round {round_no}: n_train={len(train_records)} train_loss={train_loss:.4f} "
+            f"{KEY_METRIC}={metrics[KEY_METRIC]:.4f} (global model) {KEY_METRIC}_local={local_froc:.4f} "
+            f"steps={steps} {time.time() - started:.1f}s"
+        )
+        params = detector.network.state_dict()
+        flare.send(FLModel(params=params, metrics=metrics, meta={"NUM_STEPS_CURRENT_ROUND": steps}))
+
+
+if __name__ == "__main__":
+    main()
