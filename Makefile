@@ -4,7 +4,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 SITE ?=
-JOB ?= cxr_classification
+JOB ?=
 JOB_ID ?=
 PROFILE ?=
 WAIT ?=
@@ -31,7 +31,7 @@ provision: $(VENV) ## Provision kits and mTLS certificates from provision/projec
 	scripts/provision.sh
 
 .PHONY: data
-data: $(VENV) ## Generate demo data for every site into workspace/data (JOB=...)
+data: $(VENV) ## Generate demo data for every site into workspace/data (JOB= for one job)
 	scripts/generate_data.sh $(JOB)
 
 .PHONY: deploy
@@ -59,8 +59,8 @@ down: $(VENV) ## Stop every participant (SITE= for one); deployments and models 
 	scripts/control.sh stop $(SITE)
 
 .PHONY: demo
-demo: $(VENV) ## One-command local federation: provision, data, deploy, train cxr_classification, fetch (KEEP=1 keeps it running)
-	scripts/demo.sh "$(KEEP)"
+demo: $(VENV) ## One-command local federation: provision, data, deploy, train all jobs (JOB= for one), fetch (KEEP=1 keeps it running)
+	scripts/demo.sh "$(KEEP)" $(JOB)
 
 .PHONY: test
 test: $(VENV) ## Run the test suite (unit, config, end-to-end federation)

@@ -36,11 +36,13 @@ latest_kit_root() {
 }
 admin_kit() { echo "$(latest_kit_root)/$(admin_name)"; }
 
+all_jobs() { ls "$REPO/job_configs"; }
+
 # job_configs/<JOB> for a job name, or JOB itself when it is a ready NVFlare job folder.
 job_source() {
   local job=$1
-  [[ -n $job ]] || die "JOB is not set (jobs: $(ls "$REPO/job_configs" | tr '\n' ' '))"
+  [[ -n $job ]] || die "JOB is not set (jobs: $(all_jobs | tr '\n' ' '))"
   if [[ -f $job/meta.json ]]; then echo "$job"; return; fi
-  [[ -d $REPO/job_configs/$job ]] || die "unknown JOB '$job' (jobs: $(ls "$REPO/job_configs" | tr '\n' ' '))"
+  [[ -d $REPO/job_configs/$job ]] || die "unknown JOB '$job' (jobs: $(all_jobs | tr '\n' ' '))"
   echo "$REPO/job_configs/$job"
 }

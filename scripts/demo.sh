@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# One-command local federation: scripts/demo.sh [KEEP]
+# One-command local federation: scripts/demo.sh [KEEP] [JOB...]   (no JOB: every job)
 # provision (once) -> demo data -> deploy server and sites -> submit with the demo profile
 # -> wait with progress -> fetch the best model -> stop the federation (KEEP=1 leaves it running).
 source "$(dirname "$0")/common.sh"
 keep=${1:-}
-jobs=(cxr_classification)
+shift || true
+jobs=("$@")
+(( ${#jobs[@]} )) || jobs=($(all_jobs))
+for job in "${jobs[@]}"; do job_source "$job" >/dev/null; done
 start=$SECONDS
 
 stop_federation() { [[ -n $keep ]] || "$REPO/scripts/control.sh" stop >/dev/null || true; }
@@ -31,6 +34,7 @@ done
 
 step "done"
 for job in "${jobs[@]}"; do
-  jq -r '"\(.job): \(.key_metric) = \(.value) (round \(.round)) -> models/\(.job)/best_model.pt"' "$MODELS_DIR/$job/best_model.json"
+  jq -r '"\(.job): best \(.key_metric) \(.value) (round \(.round)), untrained \(.initial_value) -> \(input_filename | sub("json$"; "pt"))"' \
+    "$MODELS_DIR/$job/best_model.json"
 done
 [[ -n $keep ]] && echo "federation left running: 'make status', 'make down'" || echo "stopping the federation (KEEP=1 leaves it running)"
