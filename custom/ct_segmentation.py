@@ -35,6 +35,11 @@ Metrics (MONAI ``DiceMetric``, background excluded, on the argmax prediction):
   no validation label has no value and is left out of the metrics dict (no NaN is sent).
 * ``val_mean_dice`` (key metric): the mean of the ``val_dice_<organ>`` values present,
   i.e. a nan-mean over the organs; NaN only if no validation label contains any organ.
+
+Loss: ``trainer.loss`` looked up in ``monai.losses`` (a class ``weight`` list in its args
+needs ``len(labels) + 1`` values, background first). Optional trainer fields, read with
+these defaults when absent: ``crop_foreground`` (true) and ``cache_rate`` (1.0: the
+pre-processed volumes are cached in memory; lower it for large datasets).
 """
 
 import argparse
@@ -172,7 +177,7 @@ def deterministic_transforms(trainer: dict) -> list:
     transforms = [
         LoadImaged(keys=keys, image_only=True),
         EnsureChannelFirstd(keys=keys),
-        Orientationd(keys=keys, axcodes="RAS"),
+        Orientationd(keys=keys, axcodes="RAS", labels=None),  # labels=None: the MetaTensor's space (RAS for NIfTI)
         Spacingd(keys=keys, pixdim=trainer["pixdim"], mode=("bilinear", "nearest")),
         ScaleIntensityRanged(keys="image", a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True),
     ]
@@ -213,8 +218,7 @@ def make_loader(records: list[dict], trainer: dict, train: bool) -> DataLoader:
     transform = train_transforms(trainer) if train else val_transforms(trainer)
     cache_rate = trainer.get("cache_rate", OPTIONAL_DEFAULTS["cache_rate"])
     workers = trainer["num_workers"]
-    dataset = CacheDataset(records, transform=transform, cache_rate=cache_rate, num_workers=workers or None,
-                           progress=False)  # fmt: skip
+    dataset = CacheDataset(records, transform, cache_rate=cache_rate, num_workers=workers or None, progress=False)
     batch_size = trainer["batch_size"] if train else 1
     return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=workers)
 
@@ -223,12 +227,25 @@ def make_loader(records: list[dict], trainer: dict, train: bool) -> DataLoader:
 
 
 def build_loss(trainer: dict, config_path: Path) -> torch.nn.Module:
-    """The loss named by ``trainer.loss``, looked up in ``monai.losses``."""
+    """The loss named by ``trainer.loss``, looked up in ``monai.losses``.
+
+    A class ``weight`` list in its args (JSON) becomes a tensor and needs one value per
+    class, background first (``len(labels) + 1``).
+    """
     spec = trainer["loss"]
     factory = getattr(monai.losses, str(spec.get("name")), None)
     if not isinstance(factory, type):
         raise ValueError(f"{config_path}: trainer.loss.name = {spec.get('name')!r} is not a class in monai.losses")
-    return factory(**spec.get("args", {}))
+    args = dict(spec.get("args", {}))
+    if isinstance(args.get("weight"), list):
+        n_classes = len(trainer["labels"]) + 1
+        if len(args["weight"]) != n_classes:
+            raise ValueError(
+                f"{config_path}: trainer.loss.args.weight has {len(args['weight'])} values, "
+                f"needs {n_classes} (background + trainer.labels)"
+            )
+        args["weight"] = torch.tensor(args["weight"], dtype=torch.float32)
+    return factory(**args)
 
 
 def new_dice_metric() -> DiceMetric:
@@ -239,6 +256,14 @@ def new_dice_metric() -> DiceMetric:
 def post_transforms(n_classes: int) -> tuple[AsDiscrete, AsDiscrete]:
     """(prediction, label) post-processing to one-hot: argmax of the logits, one-hot of the label map."""
     return AsDiscrete(argmax=True, to_onehot=n_classes), AsDiscrete(to_onehot=n_classes)
+
+
+def score_batch(metric: DiceMetric, logits: torch.Tensor, label: torch.Tensor, n_classes: int) -> None:
+    """Add a batch to ``metric``: logits (B, n_classes, ...) against label maps (B, 1, ...)."""
+    post_pred, post_label = post_transforms(n_classes)
+    preds = [post_pred(x) for x in decollate_batch(logits)]
+    targets = [post_label(y) for y in decollate_batch(label)]
+    metric(y_pred=preds, y=targets)
 
 
 def dice_metrics(metric: DiceMetric, labels: list[str]) -> dict:
@@ -263,14 +288,11 @@ def make_inferer(trainer: dict) -> SlidingWindowInferer:
 def evaluate(model: torch.nn.Module, loader: DataLoader, inferer, labels: list[str], device: torch.device) -> dict:
     """Dice metrics of ``model`` on the whole validation volumes of ``loader``."""
     model.eval()
-    post_pred, post_label = post_transforms(len(labels) + 1)
     metric = new_dice_metric()
     with torch.no_grad():
         for batch in loader:
             logits = inferer(batch["image"].to(device), model)
-            preds = [post_pred(x) for x in decollate_batch(logits)]
-            targets = [post_label(y) for y in decollate_batch(batch["label"].to(device))]
-            metric(y_pred=preds, y=targets)
+            score_batch(metric, logits, batch["label"].to(device), len(labels) + 1)
     return dice_metrics(metric, labels)
 
 
@@ -344,7 +366,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = hcls_common.build_network_from_spec(hcls_common.network_spec(config_path)).to(device)
     optimizer = hcls_common.build_optimizer(trainer, config_path, model.parameters())
-    loss_fn = build_loss(trainer, config_path)
+    loss_fn = build_loss(trainer, config_path).to(device)
 
     flare.init()
     site = flare.get_site_name()

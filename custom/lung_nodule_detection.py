@@ -252,7 +252,9 @@ def load_data(trainer: dict, data_dir: Path) -> tuple[list[dict], list[dict]]:
     """Validated train and val records ``{"image", "seriesuid", "box", "label"}`` from ``data_dir``."""
     geometries, errors = _Geometries(), []
     nodules = read_annotations(data_dir / ANNOTATIONS_CSV, data_dir / "images", geometries, errors)
-    splits = {name: read_split(data_dir / file, key, data_dir, geometries, errors) for name, (file, key) in SPLITS.items()}
+    splits = {
+        name: read_split(data_dir / file, key, data_dir, geometries, errors) for name, (file, key) in SPLITS.items()
+    }
     if errors:
         more = f"\n... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
         raise ValueError("\n".join(errors[:MAX_REPORTED_ERRORS]) + more)
@@ -350,8 +352,9 @@ def build_detector(network: torch.nn.Module, trainer: dict, config_path: Path) -
     detector.set_target_keys(box_key="box", label_key="label")
     matcher = trainer["matcher"]
     detector.set_regular_matcher(
-        matcher["fg_iou_thresh"], matcher["bg_iou_thresh"], allow_low_quality_matches=matcher["allow_low_quality_matches"]
-    )
+        matcher["fg_iou_thresh"], matcher["bg_iou_thresh"],
+        allow_low_quality_matches=matcher["allow_low_quality_matches"],
+    )  # fmt: skip
     sampler = trainer["sampler"]
     if "pool_size" in sampler or "min_neg" in sampler:
         detector.set_hard_negative_sampler(
@@ -441,7 +444,8 @@ def load_config(config_path: Path) -> dict:
     if key_metric != KEY_METRIC:
         server_config = hcls_common.server_config_path(config_path)
         raise ValueError(f"{server_config}: key_metric must be {KEY_METRIC!r} for this trainer, got {key_metric!r}")
-    for field, allowed in (("classification_loss", CLASSIFICATION_LOSSES), ("box_regression_loss", BOX_REGRESSION_LOSSES)):
+    losses = (("classification_loss", CLASSIFICATION_LOSSES), ("box_regression_loss", BOX_REGRESSION_LOSSES))
+    for field, allowed in losses:
         if trainer[field] not in allowed:
             raise ValueError(f"{config_path}: trainer.{field} {trainer[field]!r} is not one of {', '.join(allowed)}")
     return trainer

@@ -23,7 +23,7 @@ non-zero origin, so a reader must honour the affine (orientation and spacing).
 
 The same arguments give identical files (gzip headers carry no timestamp).
 
-    cd custom && python -m datagen.ct --out DIR --n-train 10 --n-val 3 --seed 1 [--size 48]
+    cd custom && python -m datagen.ct --out DIR --n-train 10 --n-val 4 --seed 1 [--size 48]   # the demo sizes
 """
 
 import argparse
@@ -46,19 +46,19 @@ GALLBLADDER_RATE = 0.75  # share of volumes that have a gallbladder
 
 # Organs in painting order (later ones overwrite earlier ones). Positions and radii are
 # fractions of the body's semi-axes in patient coordinates: u to the patient's right,
-# v anterior, w superior (RAS). "ellipsoid": centre (u, v, w), radii (u, v, w);
-# "tube": a vertical cylinder at (u, v) of radius r from w0 to w1.
+# v anterior, w superior (RAS). Ellipsoids: centre (u, v, w) and radii (u, v, w);
+# tubes: a vertical cylinder at centre (u, v) of the given radius, from w0 to w1.
 ORGANS = [
-    {"name": "liver", "hu": 95.0, "shape": "ellipsoid", "centre": (0.35, 0.05, 0.3), "radii": (0.5, 0.6, 0.55)},
-    {"name": "spleen", "hu": 125.0, "shape": "ellipsoid", "centre": (-0.55, -0.25, 0.35), "radii": (0.25, 0.3, 0.35)},
-    {"name": "stomach", "hu": 15.0, "shape": "ellipsoid", "centre": (-0.3, 0.4, 0.3), "radii": (0.3, 0.28, 0.32)},
-    {"name": "right_kidney", "hu": 190.0, "shape": "ellipsoid", "centre": (0.45, -0.45, -0.25), "radii": (0.2, 0.24, 0.35)},
-    {"name": "left_kidney", "hu": 190.0, "shape": "ellipsoid", "centre": (-0.45, -0.45, -0.2), "radii": (0.2, 0.24, 0.35)},
-    {"name": "gallbladder", "hu": -5.0, "shape": "ellipsoid", "centre": (0.3, 0.5, -0.1), "radii": (0.14, 0.15, 0.22)},
-    {"name": "pancreas", "hu": 70.0, "shape": "ellipsoid", "centre": (-0.1, 0.1, -0.1), "radii": (0.42, 0.13, 0.13)},
-    {"name": "aorta", "hu": 230.0, "shape": "tube", "centre": (-0.1, -0.45), "radius": 0.12, "w": (-1.0, 1.0)},
-    {"name": "inferior_vena_cava", "hu": 150.0, "shape": "tube", "centre": (0.2, -0.38), "radius": 0.12, "w": (-1.0, 0.55)},
-    {"name": "esophagus", "hu": 30.0, "shape": "tube", "centre": (-0.05, -0.25), "radius": 0.09, "w": (0.6, 1.0)},
+    {"name": "liver", "hu": 95.0, "centre": (0.35, 0.05, 0.3), "radii": (0.45, 0.55, 0.5)},
+    {"name": "spleen", "hu": 125.0, "centre": (-0.55, -0.2, 0.3), "radii": (0.3, 0.35, 0.4)},
+    {"name": "stomach", "hu": 15.0, "centre": (-0.3, 0.4, 0.3), "radii": (0.32, 0.3, 0.35)},
+    {"name": "right_kidney", "hu": 190.0, "centre": (0.45, -0.45, -0.25), "radii": (0.24, 0.28, 0.4)},
+    {"name": "left_kidney", "hu": 190.0, "centre": (-0.45, -0.45, -0.2), "radii": (0.24, 0.28, 0.4)},
+    {"name": "gallbladder", "hu": -5.0, "centre": (0.3, 0.5, -0.1), "radii": (0.17, 0.18, 0.25)},
+    {"name": "pancreas", "hu": 70.0, "centre": (-0.1, 0.1, -0.1), "radii": (0.45, 0.16, 0.16)},
+    {"name": "aorta", "hu": 230.0, "centre": (-0.1, -0.45), "radius": 0.15, "w": (-1.0, 1.0)},
+    {"name": "inferior_vena_cava", "hu": 150.0, "centre": (0.2, -0.38), "radius": 0.14, "w": (-1.0, 0.55)},
+    {"name": "esophagus", "hu": 30.0, "centre": (-0.05, -0.25), "radius": 0.11, "w": (0.6, 1.0)},
 ]  # fmt: skip
 BODY_SEMI_AXES = (0.44, 0.36)  # body ellipse (left-right, anterior-posterior) as fractions of the field of view
 FAT_RIM = 0.85  # normalised body radius beyond which the body is subcutaneous fat
@@ -105,10 +105,10 @@ def render_volume(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.n
         grow = rng.uniform(0.85, 1.15)
         if organ["name"] == "gallbladder" and rng.random() >= GALLBLADDER_RATE:
             continue
-        if organ["shape"] == "ellipsoid":
+        if "radii" in organ:  # ellipsoid
             c, r = np.add(organ["centre"], jitter), np.multiply(organ["radii"], grow)
             mask = ((u - c[0]) / r[0]) ** 2 + ((v - c[1]) / r[1]) ** 2 + ((w - c[2]) / r[2]) ** 2 < 1.0
-        else:
+        else:  # tube
             c, r = np.add(organ["centre"], jitter[:2]), organ["radius"] * grow
             w0, w1 = organ["w"]
             mask = (np.hypot(u - c[0], v - c[1]) < r) & (w >= w0 + jitter[2]) & (w <= w1 + jitter[2])

@@ -2,23 +2,18 @@
 processes talking gRPC over mutual TLS, a tiny CXR job submitted through the admin kit,
 and the fetched best model loaded strictly into the network of the job config.
 
-Runs the same scripts as the Makefile, in a private workspace (HCLS_WORKSPACE, MODELS_DIR).
+Runs the same scripts as the Makefile, in a private workspace (see conftest.py).
 """
 
 import hashlib
 import json
-import os
 import re
-import socket
-import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 from monai.networks.nets import DenseNet121
 
-REPO = Path(__file__).resolve().parents[2]
-PORTS = (8003, 8103)
+from conftest import run
 
 TINY_PROFILE = {
     "meta": {"resource_spec": {}},
@@ -26,47 +21,6 @@ TINY_PROFILE = {
     "client": {"trainer": {"image_size": [32, 32], "batch_size": 8, "num_workers": 0,
                            "optimizer": {"name": "Adam", "args": {"lr": 0.001}}}},
 }  # fmt: skip
-
-
-def run(*args, env, check=True, timeout=900):
-    result = subprocess.run(
-        [str(REPO / "scripts" / args[0]), *args[1:]], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
-
-
-def root_ca_fingerprint(out: str) -> str:
-    return re.search(r"root CA: (.*)", out).group(1)
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    busy = [p for p in PORTS if port_in_use(p)]
-    if busy:
-        pytest.fail(f"ports {busy} are in use (a running demo? 'make down' stops it)")
-    work = tmp_path_factory.mktemp("federation")
-    environ = dict(os.environ, HCLS_WORKSPACE=str(work / "workspace"), MODELS_DIR=str(work / "models"))
-    environ["CXR_N_TRAIN"], environ["CXR_N_VAL"], environ["CXR_SIZE"] = "24", "16", "32"
-    yield environ
-    run("control.sh", "stop", env=environ, check=False)
-    assert not any(port_in_use(p) for p in PORTS), "the federation did not stop"
-
-
-@pytest.fixture(scope="module")
-def deployed(env):
-    first = run("provision.sh", env=env)
-    second = run("provision.sh", env=env)
-    run("generate_data.sh", "cxr_classification", env=env)
-    deploy = run("deploy.sh", env=env)
-    assert re.search(r"hospital_b\s+: ok=\d+\s+changed=[1-9]", deploy.stdout)
-    return {"fingerprints": (root_ca_fingerprint(first.stdout), root_ca_fingerprint(second.stdout))}
 
 
 def test_reprovisioning_keeps_the_root_ca(deployed, env):

@@ -29,7 +29,8 @@ JOB = REPO / "job_configs" / "lung_nodule_detection"
 def deep_merge(base: dict, overlay: dict) -> dict:
     merged = copy.deepcopy(base)
     for key, value in overlay.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = deep_merge(merged[key], value) if nested else value
     return merged
 
 

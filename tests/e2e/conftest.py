@@ -1,0 +1,71 @@
+"""One real local federation for the end-to-end tests: provisioned twice, deployed with
+Ansible, in a private workspace (HCLS_WORKSPACE, MODELS_DIR), stopped at the end."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PORTS = (8003, 8103)
+TINY_DATA = {  # generator sizes (scripts/generate_data.sh)
+    "CXR_N_TRAIN": "24", "CXR_N_VAL": "16", "CXR_SIZE": "32",
+    "CT_N_TRAIN": "2", "CT_N_VAL": "1", "CT_SIZE": "32",
+    "LUNA_N_TRAIN": "2", "LUNA_N_VAL": "1", "LUNA_SIZE": "48",
+}  # fmt: skip
+
+
+def run(*args, env, check=True, timeout=900):
+    result = subprocess.run(
+        [str(REPO / "scripts" / args[0]), *args[1:]], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def root_ca_fingerprint(out: str) -> str:
+    return re.search(r"root CA: (.*)", out).group(1)
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    busy = [p for p in PORTS if port_in_use(p)]
+    if busy:
+        pytest.fail(f"ports {busy} are in use (a running demo? 'make down' stops it)")
+    work = tmp_path_factory.mktemp("federation")
+    environ = dict(os.environ, HCLS_WORKSPACE=str(work / "workspace"), MODELS_DIR=str(work / "models"), **TINY_DATA)
+    yield environ
+    run("control.sh", "stop", env=environ, check=False)
+    assert not any(port_in_use(p) for p in PORTS), "the federation did not stop"
+
+
+@pytest.fixture(scope="session")
+def deployed(env):
+    first = run("provision.sh", env=env)
+    second = run("provision.sh", env=env)
+    run("generate_data.sh", env=env)
+    deploy = run("deploy.sh", env=env)
+    assert re.search(r"hospital_b\s+: ok=\d+\s+changed=[1-9]", deploy.stdout)
+    return {"fingerprints": (root_ca_fingerprint(first.stdout), root_ca_fingerprint(second.stdout))}
+
+
+
+
+def submit_and_fetch(job: str, profile: dict, env: dict, tmp_path: Path) -> tuple[str, str]:
+    """Submit JOB with a profile overlay, wait for it, fetch its best model: (submit output, job id)."""
+    overlay = tmp_path / f"{job}.json"
+    overlay.write_text(json.dumps(profile))
+    out = run("submit.sh", job, str(overlay), "1", env=env).stdout
+    job_id = re.search(r"job id (\S+)", out).group(1)
+    run("fetch_model.sh", job, job_id, env=env)
+    return out, job_id

@@ -1,0 +1,419 @@
+"""Unit tests of the CT segmentation data path: decathlon list checks, the demo data
+generator, transforms, loss, and the Dice metric. No NVFlare process needed."""
+
+import copy
+import gzip
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+CUSTOM = REPO / "custom"
+sys.path.insert(0, str(CUSTOM))
+
+import ct_segmentation as ct  # noqa: E402
+import hcls_common  # noqa: E402
+from datagen import ct as datagen  # noqa: E402
+
+JOB = REPO / "job_configs" / "ct_segmentation"
+LABELS = datagen.LABELS
+N_LABELS = len(LABELS)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A small generated decathlon-format dataset (24^3 voxels)."""
+    out = tmp_path_factory.mktemp("ct")
+    datagen.generate(out, n_train=3, n_val=2, seed=3, size=24)
+    return out
+
+
+@pytest.fixture
+def list_dir(tmp_path, data_dir) -> Path:
+    """A copy of the generated data whose lists and files the test may break."""
+    shutil.copytree(data_dir, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def write_list(path: Path, entries) -> Path:
+    path.write_text(json.dumps({"training": entries}))
+    return path
+
+
+def entry(case: int) -> dict:
+    return {"image": f"imagesTr/ct_{case:04d}.nii.gz", "label": f"labelsTr/ct_{case:04d}.nii.gz"}
+
+
+def save(data: np.ndarray, path: Path, affine=None) -> Path:
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
+    return path
+
+
+def small_trainer(**changes) -> dict:
+    """Trainer settings for tiny volumes: the production config with small sizes."""
+    trainer = json.loads((JOB / "config_fed_client.json").read_text())["trainer"]
+    trainer.update(pixdim=[1.5, 1.5, 2.0], roi_size=[16, 16, 16], num_samples=2, batch_size=2, num_workers=0)
+    trainer.update(changes)
+    return trainer
+
+
+# ---------------------------------------------------------------- generator
+
+
+def test_generator_layout_and_nifti(data_dir):
+    train = json.loads((data_dir / "train_data.json").read_text())["training"]
+    val = json.loads((data_dir / "val_data.json").read_text())["training"]
+    assert train == [entry(1), entry(2), entry(3)] and val == [entry(4), entry(5)]
+    image, label = nib.load(data_dir / train[0]["image"]), nib.load(data_dir / train[0]["label"])
+    assert image.shape == label.shape == (24, 24, 24)
+    assert image.get_data_dtype() == np.int16 and label.get_data_dtype() == np.uint8
+    assert np.allclose(image.affine, label.affine)
+    assert np.allclose(np.abs(np.diag(image.affine)[:3]), datagen.SPACING)  # anisotropic spacing
+    assert nib.aff2axcodes(image.affine) != ("R", "A", "S") and np.abs(image.affine[:3, 3]).min() > 1  # not identity
+    hu = np.asanyarray(image.dataobj)
+    assert hu.min() <= -950 and 0 < np.median(hu[np.asanyarray(label.dataobj) == 6]) < 150  # air, liver HU
+    organs = set(np.unique(np.asanyarray(label.dataobj))) - {0}
+    assert len(organs) >= 6 and organs <= set(range(1, N_LABELS + 1))
+
+
+def test_generator_is_deterministic_and_seeded(tmp_path):
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        datagen.generate(tmp_path / name, n_train=2, n_val=1, seed=seed, size=20)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 2 + 3 * 2
+    assert all((tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes() for p in files)
+    image = "imagesTr/ct_0001.nii.gz"
+    assert (tmp_path / "a" / image).read_bytes() != (tmp_path / "c" / image).read_bytes()
+
+
+def test_generator_labels_are_the_jobs():
+    assert json.loads((JOB / "config_fed_client.json").read_text())["trainer"]["labels"] == LABELS
+
+
+def test_generator_cli(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "datagen.ct", "--out", str(tmp_path / "out"), "--n-train", "1", "--n-val", "1",
+         "--seed", "2", "--size", "16"],
+        cwd=CUSTOM, check=True, capture_output=True,
+    )  # fmt: skip
+    assert len(ct.read_datalist(tmp_path / "out" / "val_data.json", N_LABELS)) == 1
+
+
+# ---------------------------------------------------------------- data lists
+
+
+def test_generated_lists_are_read(data_dir):
+    train, val = ct.load_data({"labels": LABELS, "max_train_samples": 0, "max_val_samples": 1}, data_dir)
+    assert [Path(r["image"]).name for r in train] == ["ct_0001.nii.gz", "ct_0002.nii.gz", "ct_0003.nii.gz"]
+    assert len(val) == 1 and set(val[0]) == {"image", "label"} and Path(val[0]["label"]).is_file()
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [(None, "file not found"), ("{not json", "invalid JSON"), ('{"validation": []}', "no 'training' list"),
+     ('{"training": {}}', "no 'training' list"), ('{"training": []}', "empty")],
+    ids=["missing", "malformed", "no-training-key", "training-not-a-list", "empty"],
+)  # fmt: skip
+def test_bad_list_file(tmp_path, content, fragment):
+    path = tmp_path / "train_data.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError) as err:
+        ct.read_datalist(path, N_LABELS)
+    assert str(path) in str(err.value) and fragment in str(err.value)
+
+
+def break_missing_file(d: Path) -> tuple[dict, list[str]]:
+    return {"image": "imagesTr/nope.nii.gz", "label": entry(1)["label"]}, ["'image'", "nope.nii.gz", "does not exist"]
+
+
+def break_extension(d: Path) -> tuple[dict, list[str]]:
+    shutil.copy(d / entry(1)["label"], d / "labelsTr/ct_0001.nrrd")
+    return {**entry(1), "label": "labelsTr/ct_0001.nrrd"}, ["'label'", "ct_0001.nrrd", "not NIfTI"]
+
+
+def break_content(d: Path) -> tuple[dict, list[str]]:
+    (d / "imagesTr/fake.nii.gz").write_bytes(gzip.compress(b"this is not a NIfTI header" * 20))
+    return {**entry(1), "image": "imagesTr/fake.nii.gz"}, ["'image'", "fake.nii.gz", "not a readable NIfTI"]
+
+
+def break_shape(d: Path) -> tuple[dict, list[str]]:
+    save(np.zeros((24, 24, 20), np.uint8), d / "labelsTr/short.nii.gz")
+    return {**entry(1), "label": "labelsTr/short.nii.gz"}, ["short.nii.gz", "(24, 24, 20)", "(24, 24, 24)"]
+
+
+def break_range(d: Path) -> tuple[dict, list[str]]:
+    data = np.zeros((24, 24, 24), np.int16)
+    data[0, 0, :3] = [14, -1, 3]
+    save(data, d / "labelsTr/range.nii.gz")
+    return {**entry(1), "label": "labelsTr/range.nii.gz"}, ["range.nii.gz", "values -1, 14", "0..13"]
+
+
+def break_fraction(d: Path) -> tuple[dict, list[str]]:
+    data = np.zeros((24, 24, 24), np.float32)
+    data[1, 1, 1] = 2.5
+    save(data, d / "labelsTr/soft.nii.gz")
+    return {**entry(1), "label": "labelsTr/soft.nii.gz"}, ["soft.nii.gz", "values 2.5 are not integers"]
+
+
+def break_keys(d: Path) -> tuple[dict, list[str]]:
+    return {"image": entry(1)["image"]}, ["field 'label' is missing"]
+
+
+@pytest.mark.parametrize(
+    "breaker",
+    [break_missing_file, break_extension, break_content, break_shape, break_range, break_fraction, break_keys],
+    ids=["missing-file", "not-nifti-extension", "not-nifti-content", "shape", "label-range", "label-fraction", "keys"],
+)
+def test_bad_entry_names_list_entry_and_file(list_dir, breaker):
+    bad, fragments = breaker(list_dir)
+    path = write_list(list_dir / "val_data.json", [entry(4), bad, entry(5)])
+    with pytest.raises(ValueError) as err:
+        ct.read_datalist(path, N_LABELS)
+    message = str(err.value)
+    for fragment in [str(path), "entry training[1]", *fragments]:
+        assert fragment in message
+    assert "training[0]" not in message and "training[2]" not in message
+
+
+def test_whole_list_is_checked_before_max_samples(list_dir):
+    entries = [entry(1), entry(2), {"image": "imagesTr/a.nii.gz", "label": "x"}, {**entry(3), "image": "b.png"}]
+    path = write_list(list_dir / "train_data.json", entries)
+    with pytest.raises(ValueError) as err:
+        ct.read_datalist(path, N_LABELS, max_samples=1)
+    assert "training[2], 'image'" in str(err.value) and "training[3], 'image'" in str(err.value)
+
+
+# ---------------------------------------------------------------- transforms and loader
+
+
+def test_train_transforms_give_roi_crops(data_dir):
+    record = ct.read_datalist(data_dir / "train_data.json", N_LABELS)[0]
+    crops = ct.train_transforms(small_trainer())(record)
+    assert len(crops) == 2
+    for crop in crops:
+        assert tuple(crop["image"].shape) == tuple(crop["label"].shape) == (1, 16, 16, 16)
+        assert crop["image"].dtype == torch.float32
+        assert -0.05 <= float(crop["image"].min()) and float(crop["image"].max()) <= 1.05  # 0..1 + mild shift
+        assert set(crop["label"].unique().tolist()) <= set(range(N_LABELS + 1))
+
+
+def test_val_transforms_resample_reorient_and_window(data_dir):
+    record = ct.read_datalist(data_dir / "val_data.json", N_LABELS)[0]
+    trainer = small_trainer(pixdim=[3.0, 3.0, 4.0], crop_foreground=False)
+    out = ct.val_transforms(trainer)(record)
+    assert tuple(out["image"].shape) == tuple(out["label"].shape) == (1, 12, 12, 12)
+    assert float(out["image"].min()) == 0.0 and float(out["image"].max()) == 1.0
+    # RAS: the liver (label 6, patient's right) lies at higher x indices than the spleen (label 1)
+    x = torch.arange(12).view(12, 1, 1)
+    centre = {k: float((x * (out["label"][0] == k)).sum() / (out["label"][0] == k).sum()) for k in (1, 6)}
+    assert centre[6] > centre[1]
+
+
+def test_crop_foreground_is_optional(data_dir):
+    record = ct.read_datalist(data_dir / "val_data.json", N_LABELS)[0]
+    cropped = ct.val_transforms(small_trainer())(record)["image"]
+    assert cropped.shape[1] < 24 and cropped.shape[2] < 24  # air around the body removed
+
+
+def test_loader_batches(data_dir):
+    trainer = small_trainer()
+    train, val = ct.load_data(trainer | {"max_train_samples": 0, "max_val_samples": 0}, data_dir)
+    batch = next(iter(ct.make_loader(train, trainer, train=True)))
+    assert tuple(batch["image"].shape) == (4, 1, 16, 16, 16)  # batch_size 2 x num_samples 2
+    val_batch = next(iter(ct.make_loader(val, trainer, train=False)))
+    assert val_batch["image"].shape[0] == 1 and val_batch["image"].shape[1] == 1
+
+
+# ---------------------------------------------------------------- config, loss, train/evaluate
+
+
+def job_config(tmp_path: Path, trainer_changes: dict | None = None, server_changes: dict | None = None) -> Path:
+    """The real job configs, optionally changed, in an app config/ folder."""
+    client = json.loads((JOB / "config_fed_client.json").read_text())
+    server = json.loads((JOB / "config_fed_server.json").read_text())
+    client["trainer"].update(trainer_changes or {})
+    server.update(server_changes or {})
+    (tmp_path / "config_fed_server.json").write_text(json.dumps(server))
+    (tmp_path / "config_fed_client.json").write_text(json.dumps(client))
+    return tmp_path / "config_fed_client.json"
+
+
+def test_production_and_demo_configs_load(tmp_path):
+    trainer = ct.load_config(job_config(tmp_path))
+    assert trainer["roi_size"] == [96, 96, 96]
+    demo = json.loads((JOB / "profiles" / "demo.json").read_text())["client"]["trainer"]
+    trainer = ct.load_config(job_config(tmp_path, demo))
+    assert isinstance(ct.build_loss(trainer, tmp_path / "config_fed_client.json"), torch.nn.Module)
+
+
+@pytest.mark.parametrize(
+    "trainer_changes, server_changes, fragment",
+    [({"roi_size": [96, 96, 60]}, {}, "config_fed_client.json: trainer.roi_size [96, 96, 60]"),
+     ({"labels": LABELS[:-1]}, {}, "config_fed_server.json: the network's out_channels (14)"),
+     ({}, {"key_metric": "val_dice"}, "config_fed_server.json: key_metric must be 'val_mean_dice'")],
+    ids=["roi", "labels", "key-metric"],
+)  # fmt: skip
+def test_config_errors_name_the_file(tmp_path, trainer_changes, server_changes, fragment):
+    with pytest.raises(ValueError) as err:
+        ct.load_config(job_config(tmp_path, trainer_changes, server_changes))
+    assert fragment in str(err.value)
+
+
+def test_build_loss(tmp_path):
+    config = tmp_path / "config_fed_client.json"
+    trainer = small_trainer()
+    assert type(ct.build_loss(trainer, config)).__name__ == "DiceCELoss"
+    weighted = copy.deepcopy(trainer)
+    weighted["loss"]["args"]["weight"] = [0.1] + [1.0] * N_LABELS
+    loss = ct.build_loss(weighted, config)
+    logits, label = torch.zeros(1, N_LABELS + 1, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4)
+    assert torch.isfinite(loss(logits, label))
+    weighted["loss"]["args"]["weight"] = [1.0, 2.0]
+    with pytest.raises(ValueError, match="config_fed_client.json: trainer.loss.args.weight has 2 values, needs 14"):
+        ct.build_loss(weighted, config)
+    with pytest.raises(ValueError, match="config_fed_client.json: trainer.loss.name = 'DiceCE'"):
+        ct.build_loss({"loss": {"name": "DiceCE", "args": {}}}, config)
+
+
+def test_train_and_evaluate_run_on_a_small_segresnet(data_dir):
+    from monai.networks.nets import SegResNet
+
+    trainer = small_trainer(sliding_window={"sw_batch_size": 2, "overlap": 0.25}, batch_size=1, num_samples=1)
+    train, val = ct.load_data(trainer | {"max_train_samples": 2, "max_val_samples": 1}, data_dir)
+    hcls_common.seed_everything(0)
+    model = SegResNet(spatial_dims=3, in_channels=1, out_channels=N_LABELS + 1, init_filters=8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = ct.build_loss(trainer, Path("config_fed_client.json"))
+    cpu = torch.device("cpu")
+    mean_loss, steps = ct.train(model, ct.make_loader(train, trainer, True), optimizer, loss_fn, 1, cpu)
+    assert steps == 2 and math.isfinite(mean_loss)
+    metrics = ct.evaluate(model, ct.make_loader(val, trainer, False), ct.make_inferer(trainer), LABELS, cpu)
+    assert set(metrics) <= {ct.KEY_METRIC, *(f"val_dice_{name}" for name in LABELS)}
+    assert 0.0 <= metrics[ct.KEY_METRIC] <= 1.0
+
+
+class FakeFlare:
+    """The part of ``nvflare.client`` the trainer uses, serving ``tasks`` [(task name, FLModel)] in order."""
+
+    def __init__(self, tasks):
+        self.tasks, self.sent, self.task = list(tasks), [], None
+
+    def init(self):
+        pass
+
+    def get_site_name(self):
+        return "site-x"
+
+    def is_running(self):
+        return bool(self.tasks)
+
+    def receive(self):
+        self.task, model = self.tasks.pop(0)
+        return model
+
+    def is_submit_model(self):
+        return self.task == "submit_model"
+
+    def is_evaluate(self):
+        return self.task == "validate"
+
+    def send(self, model):
+        self.sent.append((self.task, copy.deepcopy(model)))  # FLARE serialises at once; the trainer reuses tensors
+
+
+class FakeWriter:
+    def __init__(self):
+        self.scalars = {}
+
+    def add_scalar(self, tag, value, global_step):
+        self.scalars[tag] = value
+
+
+def test_main_evaluates_the_global_model_first_then_trains(tmp_path, monkeypatch, data_dir):
+    from nvflare.app_common.abstract.fl_model import FLModel
+
+    trainer = {
+        "pixdim": [3.0, 3.0, 4.0], "roi_size": [16, 16, 16], "num_samples": 1, "batch_size": 1, "num_workers": 0,
+        "max_train_samples": 2, "max_val_samples": 1, "sliding_window": {"sw_batch_size": 1, "overlap": 0.0},
+    }  # fmt: skip
+    config = job_config(tmp_path, trainer)
+    server = json.loads((tmp_path / "config_fed_server.json").read_text())
+    next(c for c in server["components"] if c["id"] == "persistor")["args"]["model"]["args"]["init_filters"] = 8
+    (tmp_path / "config_fed_server.json").write_text(json.dumps(server))
+    site_config = tmp_path / "site_config.json"
+    site_config.write_text(json.dumps({"data_root": str(tmp_path), "datasets": {"ct_segmentation": str(data_dir)}}))
+    monkeypatch.setenv(hcls_common.SITE_CONFIG_ENV, str(site_config))
+    monkeypatch.setattr(sys, "argv", ["ct_segmentation.py", "--config", str(config)])
+
+    spec = hcls_common.network_spec(config)
+    global_model = hcls_common.build_network_from_spec(spec)
+    params = {k: v.clone() for k, v in global_model.state_dict().items()}
+    fake, writer = FakeFlare([("train", FLModel(params=params, current_round=0)), ("validate", FLModel(params=params)),
+                              ("submit_model", FLModel())]), FakeWriter()  # fmt: skip
+    monkeypatch.setattr(ct, "flare", fake)
+    monkeypatch.setattr(ct, "SummaryWriter", lambda: writer)
+    ct.main()
+
+    (_, trained), (_, validated), (_, submitted) = fake.sent
+    full_trainer = ct.load_config(config)
+    loader = ct.make_loader(ct.load_data(full_trainer, data_dir)[1], full_trainer, train=False)
+    expected = ct.evaluate(global_model, loader, ct.make_inferer(full_trainer), LABELS, torch.device("cpu"))
+    assert trained.metrics == pytest.approx(expected) and validated.metrics == pytest.approx(expected)
+    assert trained.meta["NUM_STEPS_CURRENT_ROUND"] == 2 and validated.params is None
+    assert set(trained.params) == set(submitted.params) == set(params)
+    assert any(not torch.equal(trained.params[k], params[k]) for k in params)  # it trained
+    assert {"train_loss", "val_mean_dice", "val_mean_dice_local"} <= set(writer.scalars)
+
+
+# ---------------------------------------------------------------- Dice metric
+
+
+def logits_of(prediction: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Logits (1, C, ...) whose argmax is the label map ``prediction`` (...)."""
+    return torch.nn.functional.one_hot(prediction.long(), n_classes).movedim(-1, 0).unsqueeze(0).float() * 5.0
+
+
+def dice(pairs: list[tuple[list[int], list[int]]], labels=("a", "b")) -> dict:
+    """The trainer's metrics for (prediction, label) voxel lists, one pair per volume of 1 x 1 x N voxels."""
+    metric = ct.new_dice_metric()
+    n_classes = len(labels) + 1
+    for prediction, label in pairs:
+        pred, lab = torch.tensor(prediction).view(1, 1, -1), torch.tensor(label).view(1, 1, 1, 1, -1)
+        ct.score_batch(metric, logits_of(pred, n_classes), lab, n_classes)
+    return ct.dice_metrics(metric, list(labels))
+
+
+def test_dice_perfect_disjoint_and_half():
+    perfect = dice([([0, 1, 1, 2, 2, 0], [0, 1, 1, 2, 2, 0])])
+    assert perfect == {"val_mean_dice": 1.0, "val_dice_a": 1.0, "val_dice_b": 1.0}
+    disjoint = dice([([0, 2, 2, 1, 1, 0], [0, 1, 1, 2, 2, 0])])
+    assert disjoint == {"val_mean_dice": 0.0, "val_dice_a": 0.0, "val_dice_b": 0.0}
+    # a: 4 labelled, 4 predicted, 2 shared -> 2*2/(4+4) = 0.5; b: perfect -> mean 0.75
+    half = dice([([1, 1, 0, 0, 1, 1, 2], [1, 1, 1, 1, 0, 0, 2])])
+    assert half == pytest.approx({"val_mean_dice": 0.75, "val_dice_a": 0.5, "val_dice_b": 1.0})
+
+
+def test_dice_averages_each_organ_over_the_volumes_that_contain_it():
+    # volume 1: a perfect, b absent from label but predicted (ignored: empty ground truth);
+    # volume 2: a half (2*1/(2+2)), b perfect -> a = (1 + 0.5) / 2, b = 1 (volume 2 only)
+    metrics = dice([([1, 1, 2, 0], [1, 1, 0, 0]), ([1, 0, 2, 1], [1, 1, 2, 0])])
+    assert metrics == pytest.approx({"val_mean_dice": (0.75 + 1.0) / 2, "val_dice_a": 0.75, "val_dice_b": 1.0})
+
+
+def test_dice_leaves_out_organs_absent_from_every_label():
+    metrics = dice([([1, 1, 0, 0], [1, 0, 0, 0])], labels=("a", "b", "c"))
+    assert metrics == pytest.approx({"val_mean_dice": 2 / 3, "val_dice_a": 2 / 3})  # b, c: no value, no NaN
+
+
+def test_dice_is_nan_without_any_organ():
+    metrics = dice([([1, 0], [0, 0])])
+    assert set(metrics) == {"val_mean_dice"} and math.isnan(metrics["val_mean_dice"])
