@@ -51,7 +51,6 @@ from pathlib import Path
 import monai.losses
 import nibabel as nib
 import numpy as np
-import nvflare.client as flare
 import torch
 from monai.data import CacheDataset, DataLoader, decollate_batch
 from monai.inferers import SlidingWindowInferer
@@ -70,8 +69,6 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
-from nvflare.app_common.abstract.fl_model import FLModel
-from nvflare.client.tracking import SummaryWriter
 
 import hcls_common
 
@@ -345,12 +342,17 @@ def load_data(trainer: dict, data_dir: Path) -> tuple[list[dict], list[dict]]:
     return train_records, val_records
 
 
-def log_metrics(writer: SummaryWriter, metrics: dict, round_no: int, suffix: str = "") -> None:
+def log_metrics(writer, metrics: dict, round_no: int, suffix: str = "") -> None:
     for name, value in metrics.items():
         writer.add_scalar(f"{name}{suffix}", value, global_step=round_no)
 
 
 def main() -> None:
+    # NVFlare only here: the data, model and metric pieces above run without a federation.
+    import nvflare.client as flare
+    from nvflare.app_common.abstract.fl_model import FLModel
+    from nvflare.client.tracking import SummaryWriter
+
     parser = argparse.ArgumentParser(description="CT segmentation trainer (NVFlare Client API)")
     parser.add_argument("--config", type=Path, required=True, help="job client config with a 'trainer' object")
     config_path = parser.parse_args().config

@@ -37,13 +37,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import nvflare.client as flare
 import torch
 from monai.data import DataLoader, Dataset, PILReader
 from monai.metrics import compute_roc_auc
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandAffined, Resized, ScaleIntensityd
-from nvflare.app_common.abstract.fl_model import FLModel
-from nvflare.client.tracking import SummaryWriter
 
 import hcls_common
 
@@ -243,6 +240,11 @@ def load_data(trainer: dict, data_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def main() -> None:
+    # NVFlare only here: the data, model and metric pieces above run without a federation.
+    import nvflare.client as flare
+    from nvflare.app_common.abstract.fl_model import FLModel
+    from nvflare.client.tracking import SummaryWriter
+
     parser = argparse.ArgumentParser(description="CXR classification trainer (NVFlare Client API)")
     parser.add_argument("--config", type=Path, required=True, help="job client config with a 'trainer' object")
     config_path = parser.parse_args().config

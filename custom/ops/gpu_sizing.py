@@ -66,7 +66,9 @@ def one_step(job: str, config_path: Path, device: torch.device) -> dict:
     loader = trainer_module.make_loader(train_records, trainer, train=True)
     network = hcls_common.build_network_from_spec(hcls_common.network_spec(config_path))
 
-    torch.cuda.reset_peak_memory_stats(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.time()
     if job == "lung_nodule_detection":
         detector = trainer_module.build_detector(network, trainer, config_path).to(device)
@@ -82,7 +84,8 @@ def one_step(job: str, config_path: Path, device: torch.device) -> dict:
         else:
             loss_fn = trainer_module.build_loss(trainer, config_path)
         loss, steps = trainer_module.train(model, loader, optimizer, loss_fn, 1, device)
-    torch.cuda.synchronize(device)
+    if cuda:
+        torch.cuda.synchronize(device)
     meta = json.loads((REPO / "job_configs" / job / "meta.json").read_text())
     requested = max(spec["mem_per_gpu_in_GiB"] for spec in meta["resource_spec"].values())
     return {
@@ -91,8 +94,8 @@ def one_step(job: str, config_path: Path, device: torch.device) -> dict:
         "steps": steps,
         "loss": round(float(loss), 4),
         "seconds": round(time.time() - started, 1),
-        "peak_allocated_GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
-        "peak_reserved_GiB": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
+        "peak_allocated_GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
+        "peak_reserved_GiB": round(torch.cuda.max_memory_reserved(device) / 2**30, 2) if cuda else None,
         "meta_json_GiB": requested,
     }
 
@@ -101,12 +104,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
     parser.add_argument("--jobs", nargs="*", default=list(GENERATORS))
+    parser.add_argument("--device", default="cuda", help="cuda (memory is measured only there) or cpu")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         print("error: GPU sizing needs a CUDA device", file=sys.stderr)
         return 1
-    device = torch.device("cuda")
-    results = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__, "jobs": []}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    results = {"device": name, "torch": torch.__version__, "jobs": []}
     for job in args.jobs:
         with tempfile.TemporaryDirectory(prefix=f"sizing-{job}-") as tmp:
             work = Path(tmp)
@@ -115,13 +120,14 @@ def main(argv=None) -> int:
             result = one_step(job, config_path, device)
         results["jobs"].append(result)
         print(json.dumps(result), flush=True)
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{'job':<24}{'batch':>6}{'peak alloc GiB':>16}{'peak reserved GiB':>19}{'meta.json GiB':>15}")
+    print(f"{'job':<24}{'batch':>6}{'step s':>8}{'peak alloc GiB':>16}{'peak reserved GiB':>19}{'meta.json GiB':>15}")
     for r in results["jobs"]:
         print(
-            f"{r['job']:<24}{r['batch_size']:>6}{r['peak_allocated_GiB']:>16}"
-            f"{r['peak_reserved_GiB']:>19}{r['meta_json_GiB']:>15}"
+            f"{r['job']:<24}{r['batch_size']:>6}{r['seconds']:>8}{str(r['peak_allocated_GiB']):>16}"
+            f"{str(r['peak_reserved_GiB']):>19}{r['meta_json_GiB']:>15}"
         )
     return 0
 
