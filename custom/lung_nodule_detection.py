@@ -47,7 +47,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import nvflare.client as flare
 import torch
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from monai.apps.detection.transforms.dictionary import (
@@ -74,8 +73,6 @@ from monai.transforms import (
     ScaleIntensityRanged,
     Spacingd,
 )
-from nvflare.app_common.abstract.fl_model import FLModel
-from nvflare.client.tracking import SummaryWriter
 
 import froc
 import hcls_common
@@ -452,6 +449,11 @@ def load_config(config_path: Path) -> dict:
 
 
 def main() -> None:
+    # NVFlare only here: the data, model and metric pieces above run without a federation.
+    import nvflare.client as flare
+    from nvflare.app_common.abstract.fl_model import FLModel
+    from nvflare.client.tracking import SummaryWriter
+
     parser = argparse.ArgumentParser(description="Lung nodule detection trainer (NVFlare Client API)")
     parser.add_argument("--config", type=Path, required=True, help="job client config with a 'trainer' object")
     config_path = parser.parse_args().config
