@@ -26,8 +26,8 @@ step "deploy"
 
 for job in "${jobs[@]}"; do
   step "train $job (demo profile)"
-  out=$("$REPO/scripts/submit.sh" "$job" demo 1 | tee /dev/stderr)
-  job_id=$(sed -n 's/^submitted .*: job id \(.*\)$/\1/p' <<<"$out")
+  "$REPO/scripts/submit.sh" "$job" demo 1 | tee "$WORK/demo_submit.log"
+  job_id=$(sed -n 's/^submitted .*: job id \(.*\)$/\1/p' "$WORK/demo_submit.log")
   step "fetch $job model"
   "$REPO/scripts/fetch_model.sh" "$job" "$job_id"
 done
