@@ -43,9 +43,7 @@ pre-processed volumes are cached in memory; lower it for large datasets).
 """
 
 import argparse
-import copy
 import math
-import time
 from pathlib import Path
 
 import monai.losses
@@ -308,7 +306,7 @@ def train(model, loader, optimizer, loss_fn, epochs: int, device: torch.device) 
     return total / max(steps, 1), steps
 
 
-# ---------------------------------------------------------------- FLARE loop
+# ---------------------------------------------------------------- entry point
 
 
 def load_config(config_path: Path) -> dict:
@@ -342,17 +340,7 @@ def load_data(trainer: dict, data_dir: Path) -> tuple[list[dict], list[dict]]:
     return train_records, val_records
 
 
-def log_metrics(writer, metrics: dict, round_no: int, suffix: str = "") -> None:
-    for name, value in metrics.items():
-        writer.add_scalar(f"{name}{suffix}", value, global_step=round_no)
-
-
 def main() -> None:
-    # NVFlare only here: the data, model and metric pieces above run without a federation.
-    import nvflare.client as flare
-    from nvflare.app_common.abstract.fl_model import FLModel
-    from nvflare.client.tracking import SummaryWriter
-
     parser = argparse.ArgumentParser(description="CT segmentation trainer (NVFlare Client API)")
     parser.add_argument("--config", type=Path, required=True, help="job client config with a 'trainer' object")
     config_path = parser.parse_args().config
@@ -370,39 +358,12 @@ def main() -> None:
     optimizer = hcls_common.build_optimizer(trainer, config_path, model.parameters())
     loss_fn = build_loss(trainer, config_path).to(device)
 
-    flare.init()
-    site = flare.get_site_name()
-    writer = SummaryWriter()
-    best_local_state, best_local_dice = None, -math.inf
-    print(f"[{site}] {JOB_NAME}: n_train={len(train_records)} n_val={len(val_records)} device={device}")
-
-    while flare.is_running():
-        input_model = flare.receive()
-        if flare.is_submit_model():
-            flare.send(FLModel(params=model.state_dict() if best_local_state is None else best_local_state))
-            continue
-
-        model.load_state_dict(input_model.params)
-        metrics = evaluate(model, val_loader, inferer, labels, device)
-        if flare.is_evaluate():
-            flare.send(FLModel(metrics=metrics))
-            continue
-
-        round_no, started = input_model.current_round, time.time()
-        train_loss, steps = train(model, train_loader, optimizer, loss_fn, trainer["local_epochs"], device)
-        local_dice = evaluate(model, val_loader, inferer, labels, device)[KEY_METRIC]
-        if local_dice > best_local_dice:  # nan never counts as better
-            best_local_state, best_local_dice = copy.deepcopy(model.state_dict()), local_dice
-
-        writer.add_scalar("train_loss", train_loss, global_step=round_no)
-        log_metrics(writer, metrics, round_no)
-        writer.add_scalar(f"{KEY_METRIC}_local", local_dice, global_step=round_no)
-        print(
-            f"[{site}] round {round_no}: n_train={len(train_records)} train_loss={train_loss:.4f} "
-            f"{KEY_METRIC}={metrics[KEY_METRIC]:.4f} (global model) {KEY_METRIC}_local={local_dice:.4f} "
-            f"steps={steps} {time.time() - started:.1f}s"
-        )
-        flare.send(FLModel(params=model.state_dict(), metrics=metrics, meta={"NUM_STEPS_CURRENT_ROUND": steps}))
+    hcls_common.run_federated(
+        JOB_NAME, KEY_METRIC, model,
+        evaluate=lambda: evaluate(model, val_loader, inferer, labels, device),
+        train=lambda: train(model, train_loader, optimizer, loss_fn, trainer["local_epochs"], device),
+        n_train=len(train_records),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

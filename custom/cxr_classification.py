@@ -29,10 +29,8 @@ classes among their (unmasked) validation rows.
 """
 
 import argparse
-import copy
 import csv
 import math
-import time
 import warnings
 from pathlib import Path
 
@@ -213,7 +211,7 @@ def train(model, loader, optimizer, loss_fn, epochs: int, device: torch.device) 
     return total / max(steps, 1), steps
 
 
-# ---------------------------------------------------------------- FLARE loop
+# ---------------------------------------------------------------- entry point
 
 
 def load_config(config_path: Path) -> dict:
@@ -240,11 +238,6 @@ def load_data(trainer: dict, data_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def main() -> None:
-    # NVFlare only here: the data, model and metric pieces above run without a federation.
-    import nvflare.client as flare
-    from nvflare.app_common.abstract.fl_model import FLModel
-    from nvflare.client.tracking import SummaryWriter
-
     parser = argparse.ArgumentParser(description="CXR classification trainer (NVFlare Client API)")
     parser.add_argument("--config", type=Path, required=True, help="job client config with a 'trainer' object")
     config_path = parser.parse_args().config
@@ -260,39 +253,12 @@ def main() -> None:
     optimizer = hcls_common.build_optimizer(trainer, config_path, model.parameters())
     loss_fn = hcls_common.build_loss(trainer, config_path, reduction="none")
 
-    flare.init()
-    site = flare.get_site_name()
-    writer = SummaryWriter()
-    best_local_state, best_local_auc = None, -math.inf
-    print(f"[{site}] {JOB_NAME}: n_train={len(train_records)} n_val={len(val_records)} device={device}")
-
-    while flare.is_running():
-        input_model = flare.receive()
-        if flare.is_submit_model():
-            flare.send(FLModel(params=model.state_dict() if best_local_state is None else best_local_state))
-            continue
-
-        model.load_state_dict(input_model.params)
-        metrics = evaluate(model, val_loader, device)
-        if flare.is_evaluate():
-            flare.send(FLModel(metrics=metrics))
-            continue
-
-        round_no, started = input_model.current_round, time.time()
-        train_loss, steps = train(model, train_loader, optimizer, loss_fn, trainer["local_epochs"], device)
-        local_auc = evaluate(model, val_loader, device)[KEY_METRIC]
-        if local_auc > best_local_auc:  # nan never counts as better
-            best_local_state, best_local_auc = copy.deepcopy(model.state_dict()), local_auc
-
-        writer.add_scalar("train_loss", train_loss, global_step=round_no)
-        writer.add_scalar(KEY_METRIC, metrics[KEY_METRIC], global_step=round_no)
-        writer.add_scalar(f"{KEY_METRIC}_local", local_auc, global_step=round_no)
-        print(
-            f"[{site}] round {round_no}: n_train={len(train_records)} train_loss={train_loss:.4f} "
-            f"{KEY_METRIC}={metrics[KEY_METRIC]:.4f} (global model) {KEY_METRIC}_local={local_auc:.4f} "
-            f"steps={steps} {time.time() - started:.1f}s"
-        )
-        flare.send(FLModel(params=model.state_dict(), metrics=metrics, meta={"NUM_STEPS_CURRENT_ROUND": steps}))
+    hcls_common.run_federated(
+        JOB_NAME, KEY_METRIC, model,
+        evaluate=lambda: evaluate(model, val_loader, device),
+        train=lambda: train(model, train_loader, optimizer, loss_fn, trainer["local_epochs"], device),
+        n_train=len(train_records),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,9 +13,12 @@ Every error names the file and field (or path) at fault, so that it is actionabl
 when it surfaces as a job error from a site.
 """
 
+import copy
 import importlib
 import json
+import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -128,3 +131,51 @@ def build_network_from_spec(spec: dict) -> torch.nn.Module:
     """Instantiate ``spec['path']`` (a dotted class path) with ``spec['args']``."""
     module_name, _, class_name = spec["path"].rpartition(".")
     return getattr(importlib.import_module(module_name), class_name)(**spec.get("args", {}))
+
+
+def run_federated(job_name: str, key_metric: str, model: torch.nn.Module, evaluate, train, n_train: int) -> None:
+    """The NVFlare Client API loop every trainer runs (as in NVFlare's hello-pt client).
+
+    ``model`` is the network whose state_dict is exchanged; ``evaluate()`` returns the metrics
+    dict of its current weights (``key_metric`` among them); ``train()`` runs one round of local
+    training and returns (mean loss, optimizer steps). The received global model is evaluated
+    first: the server's best-model selection uses that metric. For cross-site validation the
+    site submits its best local model.
+    """
+    import nvflare.client as flare
+    from nvflare.app_common.abstract.fl_model import FLModel
+    from nvflare.client.tracking import SummaryWriter
+
+    flare.init()
+    site = flare.get_site_name()
+    writer = SummaryWriter()
+    best_local_state, best_local = None, -math.inf
+    print(f"[{site}] {job_name}: n_train={n_train}")
+
+    while flare.is_running():
+        input_model = flare.receive()
+        if flare.is_submit_model():
+            flare.send(FLModel(params=model.state_dict() if best_local_state is None else best_local_state))
+            continue
+
+        model.load_state_dict(input_model.params)
+        metrics = evaluate()
+        if flare.is_evaluate():
+            flare.send(FLModel(metrics=metrics))
+            continue
+
+        round_no, started = input_model.current_round, time.time()
+        train_loss, steps = train()
+        local = evaluate()[key_metric]
+        if local > best_local:  # nan never counts as better
+            best_local_state, best_local = copy.deepcopy(model.state_dict()), local
+
+        writer.add_scalar("train_loss", train_loss, global_step=round_no)
+        for name, value in metrics.items():
+            writer.add_scalar(name, value, global_step=round_no)
+        writer.add_scalar(f"{key_metric}_local", local, global_step=round_no)
+        print(
+            f"[{site}] round {round_no}: train_loss={train_loss:.4f} {key_metric}={metrics[key_metric]:.4f} "
+            f"(global model) {key_metric}_local={local:.4f} steps={steps} {time.time() - started:.1f}s"
+        )
+        flare.send(FLModel(params=model.state_dict(), metrics=metrics, meta={"NUM_STEPS_CURRENT_ROUND": steps}))

@@ -38,10 +38,8 @@ per scan, boxes matched at IoU >= 0.1 (see ``froc.py``), on whole validation vol
 """
 
 import argparse
-import copy
 import csv
 import math
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -431,7 +429,7 @@ def evaluate(detector, loader, device: torch.device, trainer: dict, amp: bool = 
     return {KEY_METRIC: score}
 
 
-# ---------------------------------------------------------------- FLARE loop
+# ---------------------------------------------------------------- entry point
 
 
 def load_config(config_path: Path) -> dict:
@@ -449,11 +447,6 @@ def load_config(config_path: Path) -> dict:
 
 
 def main() -> None:
-    # NVFlare only here: the data, model and metric pieces above run without a federation.
-    import nvflare.client as flare
-    from nvflare.app_common.abstract.fl_model import FLModel
-    from nvflare.client.tracking import SummaryWriter
-
     parser = argparse.ArgumentParser(description="Lung nodule detection trainer (NVFlare Client API)")
     parser.add_argument("--config", type=Path, required=True, help="job client config with a 'trainer' object")
     config_path = parser.parse_args().config
@@ -471,45 +464,14 @@ def main() -> None:
     optimizer = hcls_common.build_optimizer(trainer, config_path, detector.network.parameters())
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
-    flare.init()
-    site = flare.get_site_name()
-    writer = SummaryWriter()
-    best_local_state, best_local_froc = None, -math.inf
     n_nodules = sum(len(r["label"]) for r in train_records)
-    print(
-        f"[{site}] {JOB_NAME}: n_train={len(train_records)} ({n_nodules} nodules) n_val={len(val_records)} "
-        f"device={device} amp={amp}"
-    )
-
-    while flare.is_running():
-        input_model = flare.receive()
-        if flare.is_submit_model():
-            state = detector.network.state_dict() if best_local_state is None else best_local_state
-            flare.send(FLModel(params=state))
-            continue
-
-        detector.network.load_state_dict(input_model.params)
-        metrics = evaluate(detector, val_loader, device, trainer, amp)
-        if flare.is_evaluate():
-            flare.send(FLModel(metrics=metrics))
-            continue
-
-        round_no, started = input_model.current_round, time.time()
-        train_loss, steps = train(detector, train_loader, optimizer, scaler, trainer["local_epochs"], device, amp)
-        local_froc = evaluate(detector, val_loader, device, trainer, amp)[KEY_METRIC]
-        if local_froc > best_local_froc:  # nan never counts as better
-            best_local_state, best_local_froc = copy.deepcopy(detector.network.state_dict()), local_froc
-
-        writer.add_scalar("train_loss", train_loss, global_step=round_no)
-        writer.add_scalar(KEY_METRIC, metrics[KEY_METRIC], global_step=round_no)
-        writer.add_scalar(f"{KEY_METRIC}_local", local_froc, global_step=round_no)
-        print(
-            f"[{site}] round {round_no}: n_train={len(train_records)} train_loss={train_loss:.4f} "
-            f"{KEY_METRIC}={metrics[KEY_METRIC]:.4f} (global model) {KEY_METRIC}_local={local_froc:.4f} "
-            f"steps={steps} {time.time() - started:.1f}s"
-        )
-        params = detector.network.state_dict()
-        flare.send(FLModel(params=params, metrics=metrics, meta={"NUM_STEPS_CURRENT_ROUND": steps}))
+    print(f"{JOB_NAME}: {len(train_records)} training series ({n_nodules} nodules), device={device} amp={amp}")
+    hcls_common.run_federated(
+        JOB_NAME, KEY_METRIC, detector.network,
+        evaluate=lambda: evaluate(detector, val_loader, device, trainer, amp),
+        train=lambda: train(detector, train_loader, optimizer, scaler, trainer["local_epochs"], device, amp),
+        n_train=len(train_records),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
