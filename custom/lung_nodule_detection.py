@@ -9,7 +9,11 @@ Hyper-parameters come from the ``"trainer"`` object of ``--config``; the network
 server config next to it; the data directory comes from the site config
 (``$HCLS_SITE_CONFIG``, key ``datasets.lung_nodule_detection``). The exchanged parameters
 are the network's state_dict; the detector around it (anchors, matcher, sampler, losses,
-box selection, sliding-window inference) follows MONAI's LUNA16 detection tutorial.
+box selection, sliding-window inference) follows MONAI's LUNA16 detection tutorial, with the
+job's choices: ``trainer.matcher`` is the IoU matcher (``fg_iou_thresh``, ``bg_iou_thresh``,
+``allow_low_quality_matches``) unless it says ``"type": "atss"`` (the tutorial's ATSS matcher,
+``num_candidates``, ``center_in_gt``); ``classification_loss`` ``"focal"`` is MONAI's FocalLoss
+(gamma 2; the detector's own default, and the tutorial's, is ``"bce"``).
 
 Data directory (LUNA16 layout):
 
@@ -346,10 +350,13 @@ def build_detector(network: torch.nn.Module, trainer: dict, config_path: Path) -
     detector = RetinaNetDetector(network=network, anchor_generator=anchor_generator)
     detector.set_target_keys(box_key="box", label_key="label")
     matcher = trainer["matcher"]
-    detector.set_regular_matcher(
-        matcher["fg_iou_thresh"], matcher["bg_iou_thresh"],
-        allow_low_quality_matches=matcher["allow_low_quality_matches"],
-    )  # fmt: skip
+    if matcher.get("type", "iou") == "atss":  # MONAI's LUNA16 tutorial: ATSS, num_candidates 4
+        detector.set_atss_matcher(matcher.get("num_candidates", 4), center_in_gt=matcher.get("center_in_gt", False))
+    else:
+        detector.set_regular_matcher(
+            matcher["fg_iou_thresh"], matcher["bg_iou_thresh"],
+            allow_low_quality_matches=matcher["allow_low_quality_matches"],
+        )  # fmt: skip
     sampler = trainer["sampler"]
     if "pool_size" in sampler or "min_neg" in sampler:
         detector.set_hard_negative_sampler(

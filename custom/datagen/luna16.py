@@ -4,22 +4,24 @@ Writes into ``OUT``:
 
 * ``images/<seriesuid>.nii.gz``: int16 CT volumes in Hounsfield units: air (-1000)
   around a soft-tissue body (~40 HU) holding two lungs (~-800 HU), Gaussian noise,
-  and 1-3 bright spherical nodules (~+50 HU, ``DIAMETER_MM`` in diameter) in the lungs;
+  and 1-3 bright spherical nodules (~+50 HU, ``DIAMETER_MM`` in diameter, at most 80% of the
+  lungs' narrowest width: 5-11.5 mm at the default spacing and ``--size 64``) in the lungs;
 * ``annotations/annotations.csv``: ``seriesuid,coordX,coordY,coordZ,diameter_mm``, one
   row per nodule, its centre in LUNA16's world coordinates: ITK/LPS millimetres;
 * ``train_data.json`` / ``val_data.json``: the series of each split,
   ``{"training": [{"image": "images/<uid>.nii.gz", "seriesuid": "<uid>"}, ...]}``
   (key ``"validation"`` in ``val_data.json``).
 
-Every volume has anisotropic spacing (``--spacing``, x/y jittered per series by up to
-``SPACING_JITTER``), a non-zero origin and a direction that flips at least one axis of
-the LPS frame, so a reader that takes world coordinates for voxel indices, or ignores
-the direction, or the LPS -> RAS change (NIfTI affines are RAS), misplaces the nodules.
+Every volume has anisotropic spacing (``--spacing``, default LUNA16-like 0.7 x 0.7 x 1.25 mm,
+x/y jittered per series by up to ``SPACING_JITTER``), a non-zero origin and a direction that
+flips at least one axis of the LPS frame, so a reader that takes world coordinates for voxel
+indices, or ignores the direction, or the LPS -> RAS change (NIfTI affines are RAS), misplaces
+the nodules.
 Series uids are dotted numeric strings like LUNA16's.
 
 The same arguments give byte-identical files.
 
-    python -m datagen.luna16 --out DIR --n-train 8 --n-val 4 --seed 1 --size 64   # custom/ on PYTHONPATH
+    python -m datagen.luna16 --out DIR --n-train 16 --n-val 4 --seed 1 --size 64   # custom/ on PYTHONPATH
 """
 
 import argparse
@@ -33,11 +35,11 @@ import numpy as np
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."  # LUNA16 (LIDC-IDRI) series uid root
 ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
 SPLIT_KEYS = {"train": "training", "val": "validation"}
-DEFAULT_SPACING = (1.4, 1.4, 2.5)  # mm (x, y, z); LUNA16 is ~0.7 x 0.7 x 1.25 mm and finer
+DEFAULT_SPACING = (0.7, 0.7, 1.25)  # mm (x, y, z), LUNA16-like (the job resamples to 0.703 x 0.703 x 1.25)
 SPACING_JITTER = 0.1  # x/y spacing of each series: DEFAULT_SPACING * U(1 - j, 1 + j)
 HU_AIR, HU_BODY, HU_LUNG, HU_NODULE = -1000.0, 40.0, -800.0, 50.0
 NOISE_HU = 25.0  # standard deviation of the Gaussian noise
-DIAMETER_MM = (5.0, 15.0)  # nodule diameter range
+DIAMETER_MM = (5.0, 15.0)  # nodule diameter range (the upper end capped to fit the lungs)
 NODULES_PER_SCAN = (1, 3)
 
 
@@ -81,11 +83,12 @@ def lung_masks(shape: tuple[int, int, int]):
 def place_nodules(lungs, voxel_mm: np.ndarray, rng: np.random.Generator) -> list[tuple[np.ndarray, float]]:
     """1-3 non-overlapping (centre index, diameter mm) nodules, each sphere inside a lung."""
     n = int(rng.integers(NODULES_PER_SCAN[0], NODULES_PER_SCAN[1] + 1))
+    largest = 2 * 0.8 * min(float((axes * voxel_mm).min()) for _, _, axes in lungs)  # fits a small volume's lungs
     nodules: list[tuple[np.ndarray, float]] = []
     for _ in range(10_000):
         if len(nodules) == n:
             return nodules
-        diameter = float(rng.uniform(*DIAMETER_MM))
+        diameter = float(rng.uniform(DIAMETER_MM[0], max(DIAMETER_MM[0], min(DIAMETER_MM[1], largest))))
         _, centre, axes = lungs[int(rng.integers(len(lungs)))]
         room = 1 - (diameter / 2) / (axes * voxel_mm)  # keep the sphere inside the lung ellipsoid
         if (room <= 0.1).any():

@@ -334,6 +334,16 @@ def test_patch_sizes_must_fit_the_network(network, demo_trainer):
         lnd.build_detector(network, {**demo_trainer, "patch_size": [24, 32, 16]}, JOB / "config_fed_client.json")
 
 
+def test_matcher_choice(network, demo_trainer):
+    from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
+    from torchvision.models.detection._utils import Matcher
+
+    config = JOB / "config_fed_client.json"
+    assert isinstance(lnd.build_detector(network, demo_trainer, config).proposal_matcher, Matcher)
+    atss = {**demo_trainer, "matcher": {"type": "atss", "num_candidates": 4, "center_in_gt": False}}
+    assert isinstance(lnd.build_detector(network, atss, config).proposal_matcher, ATSSMatcher)
+
+
 def test_config_checks(tmp_path):
     config = json.loads((JOB / "config_fed_client.json").read_text())
     config["trainer"]["classification_loss"] = "dice"
