@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# start|stop|status participants over the inventory: scripts/control.sh ACTION [SITE]
+# Run a flarectl.sh action on participants over the inventory:
+#   scripts/control.sh start|stop|status|logs [SITE] [LINES]   (no SITE: all; LINES for logs)
 source "$(dirname "$0")/common.sh"
-action=$1 site=${2:-}
+action=$1 site=${2:-} lines=${3:-50}
 if [[ -n $site ]]; then
   participants | grep -qx -- "$site" || die "unknown SITE '$site' (participants: $(participants | tr '\n' ' '))"
 fi
 cd "$REPO/ansible"
-ansible-playbook -i "$INVENTORY" control.yml -e "flare_action=$action" ${site:+--limit "$site"}
+ansible-playbook -i "$INVENTORY" control.yml -e "flare_action=$action" -e "flare_participant_log_lines=$lines" \
+  ${site:+--limit "$site"}

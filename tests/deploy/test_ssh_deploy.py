@@ -1,0 +1,112 @@
+"""`make deploy` over real SSH to three test hosts (see conftest.py): first deploy, idempotent
+second deploy, the hosts' state through pytest-testinfra's Ansible backend, a tiny CXR job that
+trains across the hosts' addresses, day-2 operations on one site, and an unreachable host."""
+
+import json
+import re
+import subprocess
+import time
+
+import pytest
+import testinfra
+import torch
+from conftest import HOSTS, REPO, load_module, recap, run, veth
+from monai.networks.nets import DenseNet121
+
+TINY_PROFILE = load_module("e2e_local_federation", REPO / "tests" / "e2e" / "test_local_federation.py").TINY_PROFILE
+def host(name: str, inventory) -> testinfra.host.Host:
+    return testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory}")
+
+
+def test_first_deploy_changes_every_host(deployed):
+    hosts = recap(deployed["first"].stdout)
+    assert set(hosts) == set(HOSTS)
+    assert all(changed > 0 and unreachable == failed == 0 for changed, unreachable, failed in hosts.values())
+
+
+def test_second_deploy_changes_nothing(deployed):
+    again = run("deploy.sh", env=deployed["env"])
+    assert recap(again.stdout) == {name: (0, 0, 0) for name in HOSTS}, again.stdout
+
+
+@pytest.mark.parametrize("name", list(HOSTS))
+def test_host_state(deployed, name):
+    h = host(name, deployed["inventory"])
+    ws = f"/opt/hcls-flare/{name}"
+    user = h.user("flare")
+    assert user.exists and user.uid == 2710 and user.shell == "/usr/sbin/nologin"
+    key = h.file(f"{ws}/startup/{'server' if name == 'flare-server' else 'client'}.key")
+    assert key.mode == 0o600 and key.user == "flare" and key.group == "flare"
+    assert h.file(f"{ws}/startup/rootCA.pem").mode == 0o640
+    assert h.file(f"{ws}/startup/sub_start.sh").mode == 0o750
+    assert h.file(ws).mode == 0o750 and h.file(ws).user == "flare"
+    processes = [p for p in h.process.filter(user="flare") if "nvflare.private.fed.app" in p.args]
+    assert processes, f"no participant process of user flare on {name}"
+    if name == "flare-server":
+        assert h.socket("tcp://0.0.0.0:8003").is_listening and h.socket("tcp://0.0.0.0:8103").is_listening
+    else:
+        assert f"{HOSTS['flare-server']} flare-server" in h.file("/etc/hosts").content_string
+        assert h.file(f"{ws}/local/site_config.json").contains('"data_root": "/opt/data"')
+        assert h.file(f"{ws}/log.txt").contains(f"Successfully registered client:{name}")
+
+
+def test_tiny_cxr_job_trains_across_the_hosts(deployed, tmp_path):
+    env = deployed["env"]
+    profile = tmp_path / "tiny.json"
+    profile.write_text(json.dumps(TINY_PROFILE))
+    out = run("submit.sh", "cxr_classification", str(profile), "1", env=env, coordinator=True).stdout
+    assert "Round 1 finished" in out and "FINISHED:COMPLETED" in out, out
+    assert re.search(r"validation metric \S+ from client hospital_b", out)
+    job_id = re.search(r"job id (\S+)", out).group(1)
+    run("fetch_model.sh", "cxr_classification", job_id, env=env, coordinator=True)
+    models = deployed["root"] / "models" / "cxr_classification"
+    assert json.loads((models / "best_model.json").read_text())["job_id"] == job_id
+    DenseNet121(spatial_dims=2, in_channels=1, out_channels=18).load_state_dict(torch.load(models / "best_model.pt"))
+    # The sites' job workspaces stay on their hosts.
+    assert list((deployed["root"] / "hospital_a" / "opt" / "hcls-flare" / "hospital_a").glob(f"{job_id}*"))
+
+
+def test_one_site_stops_and_redeploys_while_the_others_run(deployed):
+    env = deployed["env"]
+    before = run("status.sh", env=env, coordinator=True).stdout
+    pids = dict(re.findall(r"(\S+) running \(pid (\d+)\)", before))
+    assert set(pids) == set(HOSTS), before
+
+    make = ["make", "-s", "-o", ".venv/.installed", f"INVENTORY={env['INVENTORY']}"]  # the venv is there
+    stopped = subprocess.run([*make, "stop", "SITE=hospital_b"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert stopped.returncode == 0 and "hospital_b stopped" in stopped.stdout, stopped.stdout + stopped.stderr
+    status = run("status.sh", env=env, coordinator=True).stdout
+    assert "hospital_b stopped" in status and f"hospital_a running (pid {pids['hospital_a']})" in status
+
+    logs = subprocess.run([*make, "logs", "SITE=hospital_a"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert logs.returncode == 0 and "Successfully registered client:hospital_a" in logs.stdout, logs.stdout
+
+    again = subprocess.run([*make, "deploy", "SITE=hospital_b"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0 and recap(again.stdout) == {"hospital_b": (1, 0, 0)}, again.stdout
+    after = dict(re.findall(r"(\S+) running \(pid (\d+)\)", run("status.sh", env=env, coordinator=True).stdout))
+    assert after["flare-server"] == pids["flare-server"] and after["hospital_a"] == pids["hospital_a"]
+    assert after["hospital_b"] != pids["hospital_b"]
+
+
+def test_unreachable_host_fails_fast_and_named_while_the_others_deploy(deployed):
+    """The cut host fails within 60 s of its play's start (the server's play runs first)."""
+    subprocess.run(["ip", "link", "set", veth(2), "down"], check=True)  # cut hospital_b's link
+    lines, play_started, failed_after = [], None, None
+    try:
+        deploy = subprocess.Popen([REPO / "scripts" / "deploy.sh"], env=deployed["env"], cwd=REPO, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        for line in deploy.stdout:
+            lines.append(line)
+            if line.startswith("PLAY [Deploy the hospital sites]"):
+                play_started = time.monotonic()
+            if failed_after is None and re.match(r"fatal: \[hospital_b\]: UNREACHABLE", line):
+                failed_after = time.monotonic() - play_started
+        deploy.wait(timeout=600)
+    finally:
+        subprocess.run(["ip", "link", "set", veth(2), "up"], check=True)
+    out = "".join(lines)
+    hosts = recap(out)
+    assert deploy.returncode != 0 and hosts["hospital_b"][1] == 1, out
+    assert failed_after is not None and failed_after < 60, f"hospital_b failed after {failed_after}s:\n{out}"
+    assert HOSTS["hospital_b"] in out  # the message names the host and its address
+    assert hosts["flare-server"] == (0, 0, 0) and hosts["hospital_a"] == (0, 0, 0)
