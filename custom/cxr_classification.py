@@ -22,7 +22,12 @@ Label policy (CheXpert cell values):
 Any other value, a missing CSV, ``Path`` or label column, or a missing image file
 is a ValueError naming the CSV, the row (the file's line number, the header being
 row 1) and the column, raised for the whole CSV before training starts. Only the
-``Path`` and label columns are read into the datasets.
+``Path`` and label columns are kept from each row (any other column, patient identifiers included,
+never reaches a record), and a label that the site lists in ``privacy.blocked_data_fields`` is refused.
+
+Differential privacy, when the site config requires it (``privacy.differential_privacy``), is
+record-level DP-SGD with Opacus (``hcls_common.make_private``) over all rounds and local epochs of the
+job; it needs a network without batch normalisation or in-place activations (``profiles/dp.json``).
 
 Key metric ``val_auc``: ROC AUC per label, averaged over the labels that have both
 classes among their (unmasked) validation rows.
@@ -107,14 +112,22 @@ def read_row(csv_path: Path, row: dict, labels: list[str], policy: str) -> dict:
 
 
 def read_label_csv(csv_path: Path, labels: list[str], policy: str, max_samples: int = 0) -> list[dict]:
-    """Validate the whole CSV, then return its first ``max_samples`` records (0 = all)."""
+    """Validate the whole CSV, then return its first ``max_samples`` records (0 = all).
+
+    Only the ``Path`` and ``labels`` columns are taken from each row; the others are dropped as the row is read.
+    """
     if not csv_path.is_file():
         raise ValueError(f"{csv_path}: CSV file not found")
     records, errors = [], []
     with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        check_header(csv_path, reader.fieldnames, labels)
-        for row in reader:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        check_header(csv_path, header, labels)
+        columns = {name: header.index(name) for name in ["Path", *labels]}
+        for cells in reader:
+            if not cells:
+                continue
+            row = {name: cells[i] if i < len(cells) else "" for name, i in columns.items()}
             try:
                 records.append(read_row(csv_path, row, labels, policy))
             except ValueError as err:
@@ -163,8 +176,12 @@ def make_loader(records: list[dict], trainer: dict, train: bool) -> DataLoader:
 
 
 def masked_loss(loss_fn: torch.nn.Module, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
-    """Mean of the element-wise ``loss_fn`` (built with reduction="none") over unmasked elements."""
-    return (loss_fn(logits, target) * mask).sum() / mask.sum().clamp(min=1.0)
+    """Batch mean of each sample's mean element-wise ``loss_fn`` (reduction="none") over its unmasked labels.
+
+    Each sample's loss depends on that sample only, as DP-SGD's per-sample gradients require.
+    """
+    per_sample = (loss_fn(logits, target) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    return per_sample.mean()
 
 
 def mean_auc(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
@@ -229,9 +246,15 @@ def load_config(config_path: Path) -> dict:
     return trainer
 
 
-def load_data(trainer: dict, data_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Validated train and val records from ``data_dir``."""
+def load_data(trainer: dict, data_dir: Path, blocked_fields=()) -> tuple[list[dict], list[dict]]:
+    """Validated train and val records from ``data_dir``; a label among the site's ``blocked_fields`` is refused."""
     labels, policy = trainer["labels"], trainer["uncertain_label_policy"]
+    blocked = [label for label in labels if label in blocked_fields]
+    if blocked:
+        raise ValueError(
+            f"trainer.labels names {', '.join(blocked)}, blocked by this site "
+            f"({hcls_common.site_config_path()}: privacy.blocked_data_fields): never loaded"
+        )
     train_records = read_label_csv(data_dir / "train.csv", labels, policy, trainer["max_train_samples"])
     val_records = read_label_csv(data_dir / "val.csv", labels, policy, trainer["max_val_samples"])
     return train_records, val_records
@@ -244,7 +267,10 @@ def main() -> None:
 
     trainer = load_config(config_path)
     hcls_common.seed_everything(trainer["seed"])
-    train_records, val_records = load_data(trainer, hcls_common.site_dataset_dir(JOB_NAME))
+    privacy = hcls_common.site_privacy()
+    train_records, val_records = load_data(
+        trainer, hcls_common.site_dataset_dir(JOB_NAME), privacy.get("blocked_data_fields", [])
+    )
     train_loader = make_loader(train_records, trainer, train=True)
     val_loader = make_loader(val_records, trainer, train=False)
 
@@ -252,12 +278,16 @@ def main() -> None:
     model = hcls_common.build_network_from_spec(hcls_common.network_spec(config_path)).to(device)
     optimizer = hcls_common.build_optimizer(trainer, config_path, model.parameters())
     loss_fn = hcls_common.build_loss(trainer, config_path, reduction="none")
+    dp, dp_accounting = hcls_common.site_dp_policy(), None
+    if dp:
+        epochs = hcls_common.num_rounds(config_path) * trainer["local_epochs"]
+        optimizer, train_loader, dp_accounting = hcls_common.make_private(model, optimizer, train_loader, dp, epochs)
 
     hcls_common.run_federated(
         JOB_NAME, KEY_METRIC, model,
         evaluate=lambda: evaluate(model, val_loader, device),
         train=lambda: train(model, train_loader, optimizer, loss_fn, trainer["local_epochs"], device),
-        n_train=len(train_records),
+        n_train=len(train_records), dp_accounting=dp_accounting,
     )  # fmt: skip
 
 

@@ -7,7 +7,9 @@ Two configs reach a trainer:
   and the key metric come from the server config next to it (see ``network_spec``);
 * the site config: a JSON file rendered by deployment into the site's ``local/``
   folder, found through the ``HCLS_SITE_CONFIG`` environment variable. It says where
-  this site's data lives; data is read only from there, never from the job.
+  this site's data lives; data is read only from there, never from the job. Its ``privacy``
+  policy (minimum dataset size, blocked fields, differential privacy) applies to every job; the
+  site also enforces it on everything that leaves (site_privacy, outside the job).
 
 Every error names the file and field (or path) at fault, so that it is actionable
 when it surfaces as a job error from a site.
@@ -75,6 +77,67 @@ def site_dataset_dir(job_name: str) -> Path:
     return data_dir
 
 
+def site_privacy() -> dict:
+    """This site's privacy policy: ``privacy`` of the site config."""
+    path = site_config_path()
+    privacy = read_json(path).get("privacy")
+    if not isinstance(privacy, dict):
+        raise ValueError(f"{path}: field 'privacy' is missing (the site's privacy policy)")
+    return privacy
+
+
+def check_dataset_size(job_name: str, n_train: int) -> None:
+    """ValueError if ``n_train`` is below the site's ``privacy.min_dataset_size``: the site does not train."""
+    minimum = site_privacy().get("min_dataset_size", 1)
+    if n_train < minimum:
+        raise ValueError(
+            f"{site_config_path()}: privacy.min_dataset_size is {minimum} but dataset {site_dataset_dir(job_name)} "
+            f"(datasets.{job_name}) gives {n_train} training samples: this site does not train on fewer"
+        )
+
+
+def site_dp_policy() -> dict | None:
+    """The site's ``privacy.differential_privacy`` when enabled (epsilon, delta, max_grad_norm), else None."""
+    dp = site_privacy().get("differential_privacy") or {}
+    return dp if dp.get("enabled") else None
+
+
+def num_rounds(config_path: Path) -> int:
+    """The job's number of FL rounds (top-level ``num_rounds`` of the server config)."""
+    path = server_config_path(config_path)
+    rounds = read_json(path).get("num_rounds")
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"{path}: field 'num_rounds' must be an integer >= 1, got {rounds!r}")
+    return rounds
+
+
+def make_private(model, optimizer, loader, dp: dict, epochs: int):
+    """Record-level DP-SGD with Opacus for ``epochs`` epochs in all (every round's local epochs).
+
+    Per-sample gradients are clipped to ``dp['max_grad_norm']`` and Gaussian noise is added with the
+    noise multiplier that Opacus' accountant (PRV) computes so that all ``epochs`` on Poisson-sampled
+    batches spend at most ``dp['epsilon']`` at ``dp['delta']``. The model is hooked in place (no wrapper),
+    so its state_dict keys stay those of the network the server aggregates. Returns the DP optimizer, the
+    Poisson-sampling loader and ``accounting()``: the DP meta of each result (epsilon spent so far).
+    """
+    from opacus import PrivacyEngine
+
+    engine = PrivacyEngine(accountant="prv")
+    _, dp_optimizer, dp_loader = engine.make_private_with_epsilon(
+        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=dp["epsilon"],
+        target_delta=dp["delta"], epochs=epochs, max_grad_norm=dp["max_grad_norm"], wrap_model=False,
+    )  # fmt: skip
+
+    def accounting() -> dict:
+        spent = engine.get_epsilon(dp["delta"]) if engine.accountant.history else 0.0
+        return {
+            "dp_epsilon": float(spent), "dp_delta": float(dp["delta"]), "dp_max_grad_norm": float(dp["max_grad_norm"]),
+            "dp_noise_multiplier": float(dp_optimizer.noise_multiplier),
+        }  # fmt: skip
+
+    return dp_optimizer, dp_loader, accounting
+
+
 def _build_by_name(module, spec: dict, config_path: Path, field: str, *args, **overrides):
     """Instantiate ``module.<spec['name']>(*args, **spec['args'], **overrides)``."""
     name = spec.get("name")
@@ -133,7 +196,9 @@ def build_network_from_spec(spec: dict) -> torch.nn.Module:
     return getattr(importlib.import_module(module_name), class_name)(**spec.get("args", {}))
 
 
-def run_federated(job_name: str, key_metric: str, model: torch.nn.Module, evaluate, train, n_train: int) -> None:
+def run_federated(
+    job_name: str, key_metric: str, model: torch.nn.Module, evaluate, train, n_train: int, dp_accounting=None
+) -> None:
     """The NVFlare Client API loop every trainer runs (as in NVFlare's hello-pt client).
 
     ``model`` is the network whose state_dict is exchanged; ``evaluate()`` returns the metrics
@@ -141,6 +206,11 @@ def run_federated(job_name: str, key_metric: str, model: torch.nn.Module, evalua
     training and returns (mean loss, optimizer steps). The received global model is evaluated
     first: the server's best-model selection uses that metric. For cross-site validation the
     site submits its best local model.
+
+    The site's privacy policy comes first: fewer than ``min_dataset_size`` training samples, or a
+    site that requires differential privacy and a trainer without ``dp_accounting`` (see
+    ``make_private``), stop the trainer before any training. With DP, every result that carries
+    weights also carries the DP accounting (epsilon spent so far), which the site's filter checks.
     """
     import nvflare.client as flare
     from nvflare.app_common.abstract.fl_model import FLModel
@@ -148,14 +218,22 @@ def run_federated(job_name: str, key_metric: str, model: torch.nn.Module, evalua
 
     flare.init()
     site = flare.get_site_name()
+    check_dataset_size(job_name, n_train)
+    if site_dp_policy() and dp_accounting is None:
+        raise ValueError(
+            f"{site_config_path()}: privacy.differential_privacy.enabled is true and the {job_name} trainer "
+            "has no differential privacy support: this site does not train it"
+        )
+    dp_meta = dp_accounting or dict
     writer = SummaryWriter()
     best_local_state, best_local = None, -math.inf
-    print(f"[{site}] {job_name}: n_train={n_train}")
+    print(f"[{site}] {job_name}: n_train={n_train}" + (f" DP {dp_meta()}" if dp_accounting else ""))
 
     while flare.is_running():
         input_model = flare.receive()
         if flare.is_submit_model():
-            flare.send(FLModel(params=model.state_dict() if best_local_state is None else best_local_state))
+            params = model.state_dict() if best_local_state is None else best_local_state
+            flare.send(FLModel(params=params, meta=dp_meta()))
             continue
 
         model.load_state_dict(input_model.params)
@@ -174,8 +252,13 @@ def run_federated(job_name: str, key_metric: str, model: torch.nn.Module, evalua
         for name, value in metrics.items():
             writer.add_scalar(name, value, global_step=round_no)
         writer.add_scalar(f"{key_metric}_local", local, global_step=round_no)
+        privacy = dp_meta()
+        if privacy:
+            writer.add_scalar("dp_epsilon", privacy["dp_epsilon"], global_step=round_no)
         print(
             f"[{site}] round {round_no}: train_loss={train_loss:.4f} {key_metric}={metrics[key_metric]:.4f} "
             f"(global model) {key_metric}_local={local:.4f} steps={steps} {time.time() - started:.1f}s"
+            + (f" dp_epsilon={privacy['dp_epsilon']:.3f} of {site_dp_policy()['epsilon']}" if privacy else "")
         )
-        flare.send(FLModel(params=model.state_dict(), metrics=metrics, meta={"NUM_STEPS_CURRENT_ROUND": steps}))
+        meta = {"NUM_STEPS_CURRENT_ROUND": steps, **privacy}
+        flare.send(FLModel(params=model.state_dict(), metrics=metrics, meta=meta))

@@ -10,8 +10,10 @@ learnable. Each finding is present in ``PREVALENCE`` of the studies.
 
 As in CheXpert, train.csv is "report-labelled": some present findings are written
 as uncertain (-1.0) and some absent ones are left blank (not mentioned); val.csv
-is "expert-labelled" and holds only 1.0 / 0.0. The CSVs also carry fake patient
-identifiers (PatientName, PatientID) that a privacy filter is expected to block.
+is "expert-labelled" and holds only 1.0 / 0.0. The CSVs also carry fake but realistic patient
+identifiers (PatientName as DICOM ``Last^First``, PatientID as a site medical record number,
+PatientBirthDate consistent with Age), drawn from their own seeded stream, that the trainers must
+never load and a site's privacy policy blocks.
 
 The same arguments give byte-identical CSVs and identical images.
 
@@ -32,8 +34,12 @@ DEFAULT_LABELS = [
     "Mass", "Hernia", "Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum",
 ]  # fmt: skip
 EXTRA_COLUMNS = ["Sex", "Age", "Frontal/Lateral", "AP/PA"]
-IDENTIFIER_COLUMNS = ["PatientName", "PatientID"]
-
+IDENTIFIER_COLUMNS = ["PatientName", "PatientID", "PatientBirthDate"]
+LAST_NAMES = ["Smith", "Garcia", "Mueller", "Rossi", "Nguyen", "Kowalski", "Okafor", "Tanaka", "Silva", "Novak",
+              "Johansson", "Dubois", "Haddad", "Ivanova", "Murphy", "Costa", "Schneider", "Kim", "Patel", "Moreau"]
+FIRST_NAMES = ["Anna", "James", "Maria", "Li", "Fatima", "Lukas", "Sofia", "Omar", "Emma", "Noah", "Yuki", "Elena",
+               "David", "Amara", "Jonas", "Chloe", "Mateo", "Ingrid", "Ravi", "Zoe"]
+STUDY_YEAR = 2024  # Age is the age at the study
 PREVALENCE = 0.3  # chance that a finding is present
 UNCERTAIN_RATE = 0.1  # train.csv: share of present findings written as -1.0
 BLANK_RATE = 0.15  # train.csv: share of absent findings left blank
@@ -106,8 +112,18 @@ def report_labels(findings: np.ndarray, rng: np.random.Generator, expert: bool) 
     return cells
 
 
+def patient_identifiers(seed: int, patient: int, age: int, site_prefix: str) -> list[str]:
+    """PatientName, PatientID and PatientBirthDate of ``patient``, from their own stream (labels and images
+    do not depend on them)."""
+    rng = np.random.default_rng([seed, patient])
+    name = f"{rng.choice(LAST_NAMES)}^{rng.choice(FIRST_NAMES)}"
+    record_number = f"MRN-{site_prefix}{int(rng.integers(1_000_000, 10_000_000))}"
+    birth = f"{STUDY_YEAR - age:04d}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"  # DICOM DA
+    return [name, record_number, birth]
+
+
 def write_split(out: Path, split: str, patients: list[int], labels: list[str], size: int, site_prefix: str,
-                rng: np.random.Generator) -> None:
+                seed: int, rng: np.random.Generator) -> None:
     """Write ``OUT/<split>.csv`` and one frontal image per patient."""
     with open(out / f"{split}.csv", "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
@@ -120,7 +136,7 @@ def write_split(out: Path, split: str, patients: list[int], labels: list[str], s
             sex, age, view = rng.choice(["Male", "Female"]), rng.integers(20, 91), rng.choice(["AP", "PA"])
             writer.writerow(
                 [rel_path, sex, age, "Frontal", view, *report_labels(findings, rng, expert=split == "val"),
-                 f"Demo^Patient{patient:05d}", f"DEMO-{site_prefix}-{patient:05d}"]
+                 *patient_identifiers(seed, patient, int(age), site_prefix)]
             )  # fmt: skip
 
 
@@ -130,8 +146,8 @@ def generate(out: Path, n_train: int, n_val: int, seed: int, size: int = 128,
     rng = np.random.default_rng(seed)
     patients = [int(p) for p in rng.choice(np.arange(1, 100_000), size=n_train + n_val, replace=False)]
     out.mkdir(parents=True, exist_ok=True)
-    write_split(out, "train", sorted(patients[:n_train]), labels, size, site_prefix, rng)
-    write_split(out, "val", sorted(patients[n_train:]), labels, size, site_prefix, rng)
+    write_split(out, "train", sorted(patients[:n_train]), labels, size, site_prefix, seed, rng)
+    write_split(out, "val", sorted(patients[n_train:]), labels, size, site_prefix, seed, rng)
 
 
 def labels_from(config_path: Path) -> list[str]:

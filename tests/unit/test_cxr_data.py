@@ -1,8 +1,10 @@
 """Unit tests of the CXR data handling: CSV label policies and validation, the demo data
 generator, image transforms, the masked loss and the AUC metric. No NVFlare process needed."""
 
+import csv
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -62,14 +64,40 @@ def test_uncertain_policy_and_blank(csv_dir, policy, labels, masks):
     assert [r["mask"].tolist() for r in records] == masks
 
 
+def identifiers(csv_path: Path) -> list[str]:
+    with open(csv_path, newline="") as f:
+        return [row[c] for row in csv.DictReader(f) for c in datagen.IDENTIFIER_COLUMNS]
+
+
 def test_generated_csvs_are_read_without_identifier_columns(data_dir):
     train_text = (data_dir / "train.csv").read_text()
     assert ",-1.0," in train_text and ",," in train_text  # report labels: uncertain and blank cells
+    values = identifiers(data_dir / "train.csv")
+    assert len(values) == 36 and all(values)  # PatientName, PatientID, PatientBirthDate of 12 studies
     records = cxr.read_label_csv(data_dir / "train.csv", LABELS, "ones")
     assert len(records) == 12
     assert all(set(r) == {"image", "label", "mask"} for r in records)
-    assert "DEMO-" not in repr(records) and "Demo^" not in repr(records)
+    assert not any(value in repr(records) for value in values)
     assert Path(records[0]["image"]).is_file()
+
+
+def test_identifiers_look_real_and_birth_date_matches_age(data_dir):
+    with open(data_dir / "val.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        assert re.fullmatch(r"[A-Z][a-z]+\^[A-Z][a-z]+", row["PatientName"])
+        assert re.fullmatch(r"MRN-A\d{7}", row["PatientID"])
+        assert int(row["PatientBirthDate"][:4]) == datagen.STUDY_YEAR - int(row["Age"])
+
+
+def test_a_label_that_the_site_blocks_is_refused(data_dir, tmp_path, monkeypatch):
+    site_config = tmp_path / "site_config.json"
+    site_config.write_text(json.dumps({"privacy": {"blocked_data_fields": ["PatientID"]}}))
+    monkeypatch.setenv(hcls_common.SITE_CONFIG_ENV, str(site_config))
+    trainer = {"labels": ["Edema", "PatientID"], "uncertain_label_policy": "ones", "max_train_samples": 0,
+               "max_val_samples": 0}  # fmt: skip
+    with pytest.raises(ValueError, match=r"trainer.labels names PatientID, blocked by this site .*site_config.json"):
+        cxr.load_data(trainer, data_dir, ["PatientID"])
 
 
 def test_val_csv_holds_only_expert_labels(data_dir):
@@ -193,7 +221,7 @@ def test_generator_patients_differ_per_seed_and_site(tmp_path):
     datagen.generate(tmp_path / "a", n_train=4, n_val=2, seed=1, size=32, site_prefix="A")
     datagen.generate(tmp_path / "b", n_train=4, n_val=2, seed=2, size=32, site_prefix="B")
     a_text, b_text = (tmp_path / "a" / "train.csv").read_text(), (tmp_path / "b" / "train.csv").read_text()
-    assert "DEMO-A-" in a_text and "DEMO-B-" in b_text and "DEMO-B-" not in a_text
+    assert "MRN-A" in a_text and "MRN-B" in b_text and "MRN-B" not in a_text
     assert {p.name for p in (tmp_path / "a" / "images").iterdir()}.isdisjoint(
         p.name for p in (tmp_path / "b" / "images").iterdir()
     )
@@ -208,7 +236,7 @@ def test_generator_cli_takes_labels_from_job_config(tmp_path):
         check=True, capture_output=True,
     )  # fmt: skip
     header = (tmp_path / "out" / "train.csv").read_text().splitlines()[0]
-    assert header == "Path,Sex,Age,Frontal/Lateral,AP/PA,Edema,Lung Opacity,PatientName,PatientID"
+    assert header == "Path,Sex,Age,Frontal/Lateral,AP/PA,Edema,Lung Opacity,PatientName,PatientID,PatientBirthDate"
     assert len(cxr.read_label_csv(tmp_path / "out" / "val.csv", ["Edema", "Lung Opacity"], "ones")) == 2
 
 
@@ -242,7 +270,8 @@ def test_masked_loss_averages_unmasked_elements_only():
     target = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     loss = cxr.masked_loss(loss_fn, logits, target, mask)
-    assert loss.item() == pytest.approx((math.log(2) + math.log(1 + math.exp(-1)) + math.log(2)) / 3)
+    # per sample: the mean over its unmasked labels; then the mean over the batch
+    assert loss.item() == pytest.approx((math.log(2) + (math.log(1 + math.exp(-1)) + math.log(2)) / 2) / 2)
     loss.backward()
     assert logits.grad[0, 1].item() == 0.0 and logits.grad[0, 0].item() != 0.0
 

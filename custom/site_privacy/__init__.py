@@ -1,0 +1,11 @@
+"""Site-side enforcement of a hospital's privacy policy, shipped by deployment into each site's
+``<workspace>/local/custom`` (NVFlare puts that folder on the site's python path), never with a job.
+
+* ``policy``: the policy as rendered from ``site_configs/<site>/local_config.json`` ``privacy`` into the
+  site's NVFlare privacy scope (``local/privacy.json``), checked field by field;
+* ``dataset``: what the site counts and knows from its own data manifests (training samples,
+  the values of blocked identifier fields);
+* ``outgoing``: the check of anything about to leave the site (blocked field names and values, DP accounting);
+* ``components``: the NVFlare components the scope installs: ``SitePolicyFilter`` (task results)
+  and ``OutgoingEventGuard`` (events streamed to the server, e.g. metrics).
+"""

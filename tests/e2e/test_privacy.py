@@ -1,0 +1,184 @@
+"""The site's privacy policy against a real federation: each test tries to break a promise.
+
+Sites enforce their own policy (local/privacy.json, rendered by Ansible from site_configs/ and the
+inventory's override) with site-side code in local/custom; jobs are the real CXR job, built with the
+tiny profile and, for the attacks, a small forged trainer added to the job's custom code."""
+
+import csv
+import json
+import re
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run
+
+TINY = json.loads((Path(__file__).resolve().parents[1] / "tiny_cxr_profile.json").read_text())  # 2 rounds, 32 px
+FORGED_METRIC = '''"""Forged: the real CXR trainer plus a metric named after a patient ID from the site's CSV."""
+import csv
+import cxr_classification
+import hcls_common
+
+real_evaluate = cxr_classification.evaluate
+
+
+def evaluate(model, loader, device):
+    with open(hcls_common.site_dataset_dir("cxr_classification") / "train.csv", newline="") as f:
+        patient = next(csv.DictReader(f))["PatientID"]
+    metrics = real_evaluate(model, loader, device)
+    return {**metrics, "val_auc_" + patient: metrics["val_auc"]}
+
+
+cxr_classification.evaluate = evaluate
+cxr_classification.main()
+'''
+FORGED_NO_DP = '''"""Forged: the real CXR trainer, told by a rewritten copy of the site config that DP is off."""
+import json
+import os
+from pathlib import Path
+
+import cxr_classification
+
+site = json.loads(Path(os.environ["HCLS_SITE_CONFIG"]).read_text())
+site["privacy"]["differential_privacy"]["enabled"] = False
+Path("forged_site_config.json").write_text(json.dumps(site))
+os.environ["HCLS_SITE_CONFIG"] = str(Path("forged_site_config.json").resolve())
+cxr_classification.main()
+'''
+
+
+def build(env, profile: dict, tmp_path: Path, forged: str = "") -> Path:
+    """The real CXR job folder built with ``profile``; with ``forged``, that trainer replaces the job's script."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    overlay = tmp_path / "profile.json"
+    overlay.write_text(json.dumps(profile))
+    job = Path(run("build_job.sh", "cxr_classification", str(overlay), env=env).stdout.strip())
+    if forged:
+        (job / "app" / "custom" / "forged_trainer.py").write_text(forged)
+        config = job / "app" / "config" / "config_fed_client.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "app_script": "forged_trainer.py"}))
+    copy = tmp_path / "job"
+    shutil.copytree(job, copy)
+    return copy
+
+
+def submit(env, job: Path):
+    result = run("submit.sh", str(job), "", "1", env=env, check=False)
+    job_id = re.search(r"job id (\S+)", result.stdout).group(1)
+    return result, job_id
+
+
+def server_job_log(env, job_id: str) -> str:
+    """The server's log lines of the job (its job process logs into the participant's daemon.log)."""
+    log = Path(env["HCLS_WORKSPACE"]) / "local" / "flare-server" / "daemon.log"
+    return "\n".join(line for line in log.read_text(errors="replace").splitlines() if job_id in line)
+
+
+def server_contents(env):
+    """(path, bytes) of every file the server holds, zip archives (job storage) opened member by member."""
+    for path in (Path(env["HCLS_WORKSPACE"]) / "local" / "flare-server").rglob("*"):
+        if path.is_file() and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                yield from ((f"{path}:{m}", archive.read(m)) for m in archive.namelist())
+        elif path.is_file():
+            yield str(path), path.read_bytes()
+
+
+def identifiers(env) -> set[str]:
+    values = set()
+    for path in (Path(env["HCLS_WORKSPACE"]) / "data").glob("*/chexpert/*.csv"):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        values |= {row[c] for row in rows for c in ("PatientName", "PatientID", "PatientBirthDate")}
+    return values
+
+
+@pytest.fixture
+def site_policy(env, tmp_path):
+    """Redeploy the sites with policy overrides ({host: {...}}, merged over the demo's), restore afterwards."""
+    inventory = tmp_path / "inventory"
+
+    def apply(overrides: dict):
+        shutil.copytree(REPO / "ansible" / "inventories" / "local", inventory, dirs_exist_ok=True)
+        (inventory / "host_vars").mkdir(exist_ok=True)
+        for host, override in overrides.items():
+            (inventory / "host_vars" / f"{host}.yml").write_text(
+                json.dumps({"flare_participant_privacy": {"min_dataset_size": 2, **override}})
+            )
+        run("deploy.sh", env={**env, "INVENTORY": str(inventory / "hosts.yml")})
+
+    yield apply
+    run("deploy.sh", env=env)
+
+
+def test_policy_is_rendered_into_the_scope_and_enforced_by_site_code(deployed, env):
+    local = Path(env["HCLS_WORKSPACE"]) / "local" / "hospital_a" / "local"
+    privacy = json.loads((local / "privacy.json").read_text())
+    site = json.loads((REPO / "site_configs" / "site_hospital_a" / "local_config.json").read_text())["privacy"]
+    assert "default_scope" not in privacy
+    (scope,) = privacy["scopes"]
+    meta = json.loads((REPO / "job_configs" / "cxr_classification" / "meta.json").read_text())
+    assert scope["name"] == site["scope"] == meta["scope"]
+    assert scope["properties"] == {**{k: v for k, v in site.items() if k != "scope"}, "min_dataset_size": 2}
+    assert scope["task_result_filters"][0]["path"] == "site_privacy.components.SitePolicyFilter"
+    assert (local / "custom" / "site_privacy" / "components.py").read_bytes() == (
+        REPO / "custom" / "site_privacy" / "components.py"
+    ).read_bytes()
+    assert json.loads((local / "resources.json").read_text())["allow_log_streaming"] is False
+
+
+@pytest.mark.parametrize("scope", ["", "research_open"])
+def test_a_job_without_the_sites_scope_is_refused(deployed, env, tmp_path, scope):
+    result, job_id = submit(env, build(env, {**TINY, "meta": {"resource_spec": {}, "scope": scope}}, tmp_path))
+    assert result.returncode != 0 and "FINISHED:COMPLETED" not in result.stdout
+    log = server_job_log(env, job_id)
+    assert f"hospital_a: NVFLARE_ERROR: privacy scope '{scope}' is not allowed" in log
+    assert not list((Path(env["HCLS_WORKSPACE"]) / "local" / "hospital_a").glob(f"{job_id}/app_hospital_a"))
+
+
+def test_a_forged_metric_carrying_a_patient_id_is_blocked(deployed, env, tmp_path):
+    result, job_id = submit(env, build(env, TINY, tmp_path, forged=FORGED_METRIC))
+    assert result.returncode != 0 and "FINISHED:COMPLETED" not in result.stdout
+    shown = re.search(r"Result from (hospital_\w) is bad, error code: PRIVACY_POLICY_BLOCKED by \1: (.*)",
+                      result.stdout)
+    assert shown and "a value of blocked field PatientID (train.csv) at /meta/initial_metrics" in shown.group(2)
+    assert "Contribution from hospital" not in server_job_log(env, job_id)  # the server got no update
+    site_log = next((Path(env["HCLS_WORKSPACE"]) / "local" / "hospital_a").glob(f"{job_id}/log.txt")).read_text()
+    assert "privacy policy: stopped the outgoing event" in site_log  # metrics streamed to TensorBoard
+    values = [v.encode() for v in identifiers(env)]
+    leaked = [path for path, content in server_contents(env) if any(v in content for v in values)]
+    assert not leaked, leaked
+
+
+def test_dp_job_spends_within_budget_and_a_job_skipping_dp_is_blocked(deployed, env, tmp_path, site_policy):
+    dp = {"differential_privacy": {"enabled": True, "epsilon": 8, "delta": 1e-5, "max_grad_norm": 1}}
+    site_policy({"hospital_a": dp, "hospital_b": dp})
+    dp_profile = json.loads((REPO / "job_configs/cxr_classification/profiles/dp.json").read_text())
+    dp_tiny = {**TINY, "server": {**TINY["server"], **dp_profile["server"]}}
+    result, job_id = submit(env, build(env, dp_tiny, tmp_path / "dp"))
+    assert "FINISHED:COMPLETED" in result.stdout, result.stdout[-3000:]
+    for site in ("hospital_a", "hospital_b"):
+        site_log = next((Path(env["HCLS_WORKSPACE"]) / "local" / site).glob(f"{job_id}/log.txt")).read_text()
+        spent = [float(e) for e in re.findall(r"DP epsilon spent (\S+) of the site's budget 8", site_log)]
+        assert len(spent) >= 2 and spent == sorted(spent) and 0 < spent[-1] <= 8.0, spent
+    forged, forged_id = submit(env, build(env, TINY, tmp_path / "forged", forged=FORGED_NO_DP))
+    assert forged.returncode != 0
+    assert "PRIVACY_POLICY_BLOCKED by hospital_" in forged.stdout and "result lacks DP accounting" in forged.stdout
+
+
+def test_a_site_below_min_dataset_size_sends_no_update(deployed, env, tmp_path):
+    manifest = Path(env["HCLS_WORKSPACE"]) / "data" / "hospital_a" / "chexpert" / "train.csv"
+    original = manifest.read_text()
+    manifest.write_text("".join(original.splitlines(keepends=True)[:2]))  # one study, min_dataset_size is 2
+    try:
+        result, job_id = submit(env, build(env, TINY, tmp_path))
+    finally:
+        manifest.write_text(original)
+    assert result.returncode != 0
+    blocked = re.search(r"PRIVACY_POLICY_BLOCKED by hospital_a: (.*)", result.stdout)
+    assert blocked and re.search(r"lists 1 samples .* fewer than min_dataset_size 2", blocked.group(1))
+    assert "Contribution from hospital_a" not in server_job_log(env, job_id)
+    trainer_log = next((Path(env["HCLS_WORKSPACE"]) / "local" / "hospital_a").glob(f"{job_id}/log.txt")).read_text()
+    assert "privacy.min_dataset_size is 2 but dataset" in trainer_log and "gives 1 training samples" in trainer_log

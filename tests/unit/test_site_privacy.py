@@ -1,0 +1,228 @@
+"""Unit tests of the site privacy policy and of DP-SGD, on real objects: the site's NVFlare result
+filter on real DXO shareables and generated manifests, Opacus on a real network and data loader."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_context import FLContext, FLContextManager
+from nvflare.apis.workspace import Workspace
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from torch.utils.data import DataLoader, TensorDataset
+
+CUSTOM = Path(__file__).resolve().parents[2] / "custom"
+sys.path.insert(0, str(CUSTOM))
+
+import hcls_common  # noqa: E402
+from datagen import cxr as datagen  # noqa: E402
+from site_privacy import dataset  # noqa: E402
+from site_privacy.components import BLOCKED, SitePolicyFilter  # noqa: E402
+from site_privacy.policy import parse_policy  # noqa: E402
+
+POLICY = {
+    "min_dataset_size": 10,
+    "blocked_data_fields": ["PatientName", "PatientID", "PatientBirthDate"],
+    "differential_privacy": {
+        "enabled": False, "mechanism": "gaussian", "epsilon": 8, "delta": 1e-5, "max_grad_norm": 1,
+    },
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A site workspace: local/site_config.json pointing at generated CheXpert data (12 training studies)."""
+    root = tmp_path_factory.mktemp("site")
+    datagen.generate(root / "data" / "chexpert", n_train=12, n_val=4, seed=3, size=32)
+    (root / "local").mkdir()
+    (root / "startup").mkdir()  # an NVFlare workspace has one (the kit)
+    config = {"data_root": str(root / "data"), "datasets": {"cxr_classification": "chexpert"}}
+    (root / "local" / "site_config.json").write_text(json.dumps(config))
+    return root
+
+
+class SiteEngine:
+    """The one engine service the filter uses: the site's NVFlare workspace."""
+
+    def __init__(self, root: Path):
+        self.workspace = Workspace(str(root), "hospital_a")
+
+    def get_workspace(self) -> Workspace:
+        return self.workspace
+
+
+def job_context(site_root: Path, policy: dict, job: str = "cxr_classification") -> FLContext:
+    """The FL context of a site job process: job meta and the job's scope as sticky props (see ClientRunManager)."""
+    stickers = {
+        FLContextKey.JOB_META: {"name": job},
+        FLContextKey.EFFECTIVE_JOB_SCOPE_NAME: "hospital_policy",
+        FLContextKey.SCOPE_PROPERTIES: policy,
+    }
+    manager = FLContextManager(engine=SiteEngine(site_root), identity_name="hospital_a", private_stickers=stickers)
+    ctx = manager.new_context()
+    ctx.set_prop(FLContextKey.TASK_NAME, "train", private=True, sticky=False)
+    return ctx
+
+
+def weight_diff(metrics: dict, **meta) -> DXO:
+    params = {"features.conv0.weight": np.ones((2, 2), dtype=np.float32)}
+    meta = {"initial_metrics": metrics, "NUM_STEPS_CURRENT_ROUND": 3, **meta}
+    return DXO(DataKind.WEIGHT_DIFF, data=params, meta=meta)
+
+
+def first_patient(site_root: Path, field: str) -> str:
+    import csv
+
+    with open(site_root / "data" / "chexpert" / "train.csv", newline="") as f:
+        return next(csv.DictReader(f))[field]
+
+
+def run_filter(site_root, policy, dxo):
+    return SitePolicyFilter().process(dxo.to_shareable(), job_context(site_root, policy))
+
+
+# ---------------------------------------------------------------- site policy
+
+
+def test_policy_errors_name_the_file_and_field():
+    with pytest.raises(ValueError, match=r"privacy.json: min_dataset_size must be an integer >= 1, got '50'"):
+        parse_policy({**POLICY, "min_dataset_size": "50"}, "local/privacy.json")
+    bad_dp = {**POLICY, "differential_privacy": {**POLICY["differential_privacy"], "delta": 2}}
+    with pytest.raises(ValueError, match=r"differential_privacy.delta must be a number in \(0.0, 1.0\), got 2"):
+        parse_policy(bad_dp, "local/privacy.json")
+    with pytest.raises(ValueError, match="the privacy scope has no properties"):
+        parse_policy(None, "local/privacy.json")
+
+
+def test_site_counts_its_own_manifest(site, tmp_path):
+    assert dataset.count_training_samples(site / "data" / "chexpert") == 12
+    (tmp_path / "train_data.json").write_text(json.dumps({"training": [{"image": "a"}, {"image": "b"}]}))
+    assert dataset.count_training_samples(tmp_path) == 2
+    values = dataset.blocked_values(site / "data" / "chexpert", ("PatientID",))
+    assert len(values) == 16 and first_patient(site, "PatientID") in values  # train and val studies
+
+
+def test_a_clean_result_passes_unchanged(site):
+    dxo = weight_diff({"val_auc": 0.5})
+    out = run_filter(site, POLICY, dxo)
+    assert out.get_return_code() == ReturnCode.OK and out == dxo.to_shareable()
+
+
+def test_a_dataset_below_min_dataset_size_sends_no_update(site):
+    out = run_filter(site, {**POLICY, "min_dataset_size": 13}, weight_diff({"val_auc": 0.5}))
+    assert out.get_return_code().startswith(BLOCKED) and "lists 12 samples" in out.get_return_code()
+    assert "DXO" not in out and len(out) == 1  # headers only: no weights, no metrics
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["metric_name", "metric_value", "meta_value", "string_array"],
+)
+def test_identifier_values_and_blocked_names_are_blocked_anywhere(site, where):
+    patient = first_patient(site, "PatientID")
+    dxo = {
+        "metric_name": weight_diff({"val_auc": 0.5, f"val_auc_{patient}": 0.5}),
+        "metric_value": weight_diff({"val_auc": 0.5, "note": f"worst case {patient}"}),
+        "meta_value": weight_diff({"val_auc": 0.5}, extra={"nested": [patient]}),
+        "string_array": weight_diff({"val_auc": 0.5}, names=np.array(["x", patient])),
+    }[where]
+    code = run_filter(site, POLICY, dxo).get_return_code()
+    assert code.startswith(BLOCKED) and "a value of blocked field PatientID (train.csv)" in code
+    assert patient not in code  # the reason never repeats the identifier
+
+
+def test_a_blocked_field_name_is_blocked(site):
+    code = run_filter(site, POLICY, weight_diff({"val_auc": 0.5, "patientbirthdate_mean": 1.0})).get_return_code()
+    assert code.startswith(BLOCKED) and "blocked field name PatientBirthDate" in code
+
+
+def test_a_job_without_dataset_at_the_site_is_blocked(site):
+    ctx = job_context(site, POLICY, job="not_a_job_of_this_site")
+    code = SitePolicyFilter().process(weight_diff({}).to_shareable(), ctx).get_return_code()
+    assert "this site has no dataset for job 'not_a_job_of_this_site'" in code
+
+
+DP_ON = {**POLICY, "differential_privacy": {**POLICY["differential_privacy"], "enabled": True}}
+
+
+@pytest.mark.parametrize(
+    "meta, reason",
+    [
+        ({}, "lacks DP accounting (dp_epsilon, dp_delta, dp_max_grad_norm)"),
+        ({"dp_epsilon": 8.5, "dp_delta": 1e-5, "dp_max_grad_norm": 1.0}, "exceeds the site's budget 8.0"),
+        ({"dp_epsilon": 2.0, "dp_delta": 1e-3, "dp_max_grad_norm": 1.0}, "exceeds the site's delta"),
+        ({"dp_epsilon": 2.0, "dp_delta": 1e-5, "dp_max_grad_norm": 5.0}, "exceeds the site's max_grad_norm"),
+    ],
+)
+def test_dp_required_blocks_results_without_accounting_or_over_budget(site, meta, reason):
+    code = run_filter(site, DP_ON, weight_diff({"val_auc": 0.5}, **meta)).get_return_code()
+    assert code.startswith(BLOCKED) and reason in code
+
+
+def test_dp_within_budget_passes_and_metrics_need_no_accounting(site):
+    ok = weight_diff({"val_auc": 0.5}, dp_epsilon=7.9, dp_delta=1e-5, dp_max_grad_norm=1.0)
+    assert run_filter(site, DP_ON, ok).get_return_code() == ReturnCode.OK
+    metrics_only = DXO(DataKind.METRICS, data={"val_auc": 0.5})
+    assert run_filter(site, DP_ON, metrics_only).get_return_code() == ReturnCode.OK
+
+
+# ---------------------------------------------------------------- DP-SGD (Opacus)
+
+
+def dp_setup(n=24, batch=6, epochs=4, epsilon=8.0, delta=1e-5, max_grad_norm=0.5):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3))  # fmt: skip
+    loader = DataLoader(TensorDataset(torch.randn(n, 1, 8, 8), torch.rand(n, 3).round()), batch_size=batch)
+    dp = {"epsilon": epsilon, "delta": delta, "max_grad_norm": max_grad_norm}
+    optimizer, dp_loader, accounting = hcls_common.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), loader, dp, epochs
+    )
+    return model, optimizer, dp_loader, accounting, dp, len(loader)
+
+
+def test_every_per_sample_gradient_is_clipped_to_max_grad_norm():
+    model, optimizer, loader, _, dp, _ = dp_setup()
+    x, y = next(iter(loader))
+    optimizer.zero_grad()
+    torch.nn.functional.binary_cross_entropy_with_logits(model(x) * 50, y).backward()  # large gradients
+    per_sample = torch.cat([p.grad_sample.reshape(len(x), -1) for p in model.parameters()], dim=1)
+    assert per_sample.norm(dim=1).max() > 3 * dp["max_grad_norm"]  # unclipped, they are larger
+    optimizer.pre_step()  # Opacus' clipping (and noise) as in optimizer.step()
+    clipped = torch.cat([p.summed_grad.reshape(1, -1) for p in model.parameters()], dim=1)
+    factors = (dp["max_grad_norm"] / (per_sample.norm(dim=1) + 1e-6)).clamp(max=1.0)
+    assert torch.allclose(clipped[0], (per_sample * factors[:, None]).sum(0), atol=1e-4)
+    assert (per_sample * factors[:, None]).norm(dim=1).max() <= dp["max_grad_norm"] * (1 + 1e-4)
+
+
+def test_noise_and_final_epsilon_are_the_accountants_for_all_rounds_and_steps():
+    rounds, local_epochs = 2, 2
+    model, optimizer, loader, accounting, dp, batches = dp_setup(epochs=rounds * local_epochs)
+    sample_rate = 1 / batches
+    expected_sigma = get_noise_multiplier(
+        target_epsilon=dp["epsilon"], target_delta=dp["delta"], sample_rate=sample_rate,
+        epochs=rounds * local_epochs, accountant="prv",
+    )  # fmt: skip
+    assert optimizer.noise_multiplier == pytest.approx(expected_sigma)
+    assert accounting()["dp_epsilon"] == 0.0
+    steps = 0
+    for _ in range(rounds * local_epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+            optimizer.step()
+            steps += 1
+    assert steps == rounds * local_epochs * batches
+    reference = create_accountant("prv")
+    reference.history = [(expected_sigma, sample_rate, steps)]
+    report = accounting()
+    assert report["dp_epsilon"] == pytest.approx(reference.get_epsilon(delta=dp["delta"]), rel=1e-3)
+    assert report["dp_epsilon"] <= dp["epsilon"]
+    assert report["dp_noise_multiplier"] == pytest.approx(expected_sigma)
+    assert set(report) >= {"dp_epsilon", "dp_delta", "dp_max_grad_norm"}
+    assert list(model.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"]
