@@ -1,15 +1,37 @@
 #!/usr/bin/env bash
 # Provision the federation from provision/project.yml into workspace/provision.
 # Re-running keeps the root CA (state/cert.json), so kits already deployed stay valid.
+# scripts/provision.sh --he   (make provision HE=1) adds NVFlare's HEBuilder: CKKS TenSEAL contexts
+# for the server (no secret key) and the sites (with it), for jobs run with profiles/he.json.
 source "$(dirname "$0")/common.sh"
+he=${1:-}
+[[ -z $he || $he == --he ]] || die "unknown option '$he' (only --he)"
+# The documented CKKS parameters; placed before SignatureBuilder so the contexts are signed too.
+HE_BUILDER='{"path": "nvflare.lighter.impl.he.HEBuilder",
+  "args": {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "scale_bits": 40}}'
 
 [[ -f $PROJECT_YML ]] || die "$PROJECT_YML not found"
 project_yml . >/dev/null
 before=$(kit_roots | wc -l)
 
 mkdir -p "$PROVISION_DIR"
-(cd "$PROVISION_DIR" && nvflare provision --force -p "$PROJECT_YML" -w "$PROVISION_DIR") \
-  || die "nvflare provision failed on $PROJECT_YML"
+project=$PROJECT_YML
+if [[ -n $he ]]; then   # project.yml stays the one list of participants; the HE variant is derived from it
+  project=$PROVISION_DIR/project_he.yml
+  yq -y --argjson he "$HE_BUILDER" '.builders |= (map(select(.path | endswith("SignatureBuilder") | not))
+    + [$he] + map(select(.path | endswith("SignatureBuilder"))))' "$PROJECT_YML" > "$project" \
+    || die "cannot derive the HE project from $PROJECT_YML"
+fi
+if [[ -n ${SERVER_HOST:-} ]]; then   # make provision SERVER_HOST=<name>: the name clients and admins dial
+  yq -y --arg h "$SERVER_HOST" '(.participants[] | select(.type == "server"))
+    |= (.default_host = $h | .host_names = ((.host_names // []) + [$h] | unique))' "$project" > "$PROVISION_DIR/project_host.yml" \
+    || die "cannot set SERVER_HOST '$SERVER_HOST' on $project"
+  project=$PROVISION_DIR/project_host.yml
+fi
+# Kits, the sites' HE contexts (secret key) and the root CA key (state/cert.json): owner only.
+(umask 077 && cd "$PROVISION_DIR" && nvflare provision --force -p "$project" -w "$PROVISION_DIR") \
+  || die "nvflare provision failed on $project"
+chmod -R go-rwx "$PROVISION_DIR"   # also what earlier runs wrote with a laxer umask
 after=$(kit_roots | wc -l)
 (( after > before )) || die "nvflare provision wrote no kits from $PROJECT_YML (see its output above)"
 

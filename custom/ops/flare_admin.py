@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import hcls_common
+import sparse_update
 
 COMPLETED = "FINISHED:COMPLETED"
 PROGRESS = re.compile(
@@ -129,7 +130,7 @@ def latest_finished(sess, job_name: str) -> str:
 
 
 def fetch(kit: str, job_name: str, job_config: str, out: str, job_id: str = "", dest: str = "") -> Path:
-    """Download a finished job and write its best global model as a plain state_dict."""
+    """Download a finished job: its best global model as a plain state_dict, metrics, update bytes."""
     network = network_spec(job_config)
     key_metric = hcls_common.key_metric(Path(job_config, "config_fed_client.json"))
     with session(kit) as sess, tempfile.TemporaryDirectory(prefix="fetch-") as tmp:
@@ -169,10 +170,14 @@ def fetch(kit: str, job_name: str, job_config: str, out: str, job_id: str = "", 
         cross_site = _find(result, "cross_val_results.json")
         if cross_site is not None:
             shutil.copy(cross_site, staged / "cross_site_val.json")
+        update_bytes = _find(result, sparse_update.RESULT_FILE)  # bytes each site sent per round, dense vs sent
+        if update_bytes is not None:
+            shutil.copy(update_bytes, staged / sparse_update.RESULT_FILE)
         if tb_events is not None:
             shutil.copytree(tb_events, staged / "tensorboard")
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+        (out_dir / sparse_update.RESULT_FILE).unlink(missing_ok=True)  # from an earlier job
         for f in staged.iterdir():  # earlier files are replaced only once all new ones are ready
             shutil.move(str(f), str(out_dir / f.name))
     if dest:
@@ -198,6 +203,11 @@ def _plain_state_dict(model_path: Path, network: dict) -> dict:
 
     ckpt = torch.load(model_path, map_location="cpu", weights_only=False)
     weights = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
+    if any(isinstance(v, bytes) for v in weights.values()):
+        raise AdminError(
+            f"{model_path.name} holds CKKS ciphertexts (a job run with profiles/he.json): the server never sees "
+            "the plaintext model; only a site's client_context.tenseal can decrypt it"
+        )
     state_dict = {k: torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v for k, v in weights.items()}
     net = hcls_common.build_network_from_spec(network)
     net.load_state_dict(state_dict, strict=True)  # proves it loads before anything is written
