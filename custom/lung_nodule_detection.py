@@ -13,7 +13,11 @@ box selection, sliding-window inference) follows MONAI's LUNA16 detection tutori
 job's choices: ``trainer.matcher`` is the IoU matcher (``fg_iou_thresh``, ``bg_iou_thresh``,
 ``allow_low_quality_matches``) unless it says ``"type": "atss"`` (the tutorial's ATSS matcher,
 ``num_candidates``, ``center_in_gt``); ``classification_loss`` ``"focal"`` is MONAI's FocalLoss
-(gamma 2; the detector's own default, and the tutorial's, is ``"bce"``).
+(gamma 2; the detector's own default, and the tutorial's, is ``"bce"``). The optional
+``trainer.crop_pos_neg`` (default ``[1, 1]``, the tutorial's) weighs patches centred on a whole
+nodule against random ones: a random patch smaller than the volume often cuts a nodule at its
+border, and the clipped box teaches the network that patch borders hold nodules (whole-volume
+validation then scores the volume's corners), so a demo with small patches uses ``[1, 0]``.
 
 Data directory (LUNA16 layout):
 
@@ -92,6 +96,7 @@ SPLITS = {"train": ("train_data.json", "training"), "val": ("val_data.json", "va
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CLASSIFICATION_LOSSES = ("focal", "bce")
 BOX_REGRESSION_LOSSES = ("smooth_l1",)
+DEFAULT_CROP_POS_NEG = (1, 1)  # MONAI's LUNA16 tutorial: half the patches centred on a nodule
 IOU_THRESHOLD = froc.LUNA16_IOU_THRESHOLD
 MAX_REPORTED_ERRORS = 20
 
@@ -281,8 +286,9 @@ def load_data(trainer: dict, data_dir: Path) -> tuple[list[dict], list[dict]]:
 def detection_transforms(trainer: dict, train: bool) -> Compose:
     """LUNA16 pipeline: load, RAS, resample to ``spacing``, HU window -> 0..1, world boxes -> voxel boxes.
 
-    Training adds ``batch_size`` random ``patch_size`` crops per volume (half of them holding
-    a whole nodule, as in MONAI's tutorial) and flips / 90-degree rotations / intensity jitter.
+    Training adds ``batch_size`` random ``patch_size`` crops per volume (``crop_pos_neg``: by default
+    half of them hold a whole nodule, as in MONAI's tutorial) and flips / 90-degree rotations /
+    intensity jitter.
     """
     low, high = trainer["intensity_range"]
     transforms = [
@@ -301,10 +307,11 @@ def detection_transforms(trainer: dict, train: bool) -> Compose:
     ]
     if train:
         box_args = {"image_keys": "image", "box_keys": "box", "box_ref_image_keys": "image"}
+        pos, neg = trainer.get("crop_pos_neg", DEFAULT_CROP_POS_NEG)
         transforms += [
             RandCropBoxByPosNegLabeld(
                 image_keys="image", box_keys="box", label_keys="label", spatial_size=trainer["patch_size"],
-                whole_box=True, num_samples=trainer["batch_size"], pos=1, neg=1, allow_smaller=True,
+                whole_box=True, num_samples=trainer["batch_size"], pos=pos, neg=neg, allow_smaller=True,
             ),
             ClipBoxToImaged(box_keys="box", label_keys="label", box_ref_image_keys="image", remove_empty=True),
             RandFlipBoxd(**box_args, prob=0.5, spatial_axis=0),
@@ -450,6 +457,10 @@ def load_config(config_path: Path) -> dict:
     for field, allowed in losses:
         if trainer[field] not in allowed:
             raise ValueError(f"{config_path}: trainer.{field} {trainer[field]!r} is not one of {', '.join(allowed)}")
+    crop = trainer.get("crop_pos_neg", DEFAULT_CROP_POS_NEG)
+    numbers = isinstance(crop, list | tuple) and all(isinstance(v, int | float) and v >= 0 for v in crop)
+    if not numbers or len(crop) != 2 or sum(crop) <= 0:
+        raise ValueError(f"{config_path}: trainer.crop_pos_neg {crop!r} must be [pos, neg], weights >= 0, not both 0")
     return trainer
 
 

@@ -177,6 +177,19 @@ def test_pipeline_boxes_follow_resampling(generated, demo_trainer):
             assert size == pytest.approx(world_box[3:] / np.array(trainer["spacing"]), rel=1e-3)
 
 
+def test_positive_only_crops_hold_a_whole_nodule(generated, demo_trainer):
+    """With crop_pos_neg [1, 0] every training patch holds at least one nodule's whole, unclipped box."""
+    hcls_common.seed_everything(0)
+    trainer = {**demo_trainer, "crop_pos_neg": [1, 0], "batch_size": 3}
+    train_records, _ = lnd.load_data(trainer, generated)
+    transform = lnd.detection_transforms(trainer, train=True)
+    for record in train_records:
+        whole_sizes = record["box"][:, 3:] / np.array(trainer["spacing"])
+        for patch in transform(record):
+            sizes = (patch["box"][:, 3:] - patch["box"][:, :3]).numpy()
+            assert len(sizes) and any(np.allclose(size, whole, rtol=1e-3) for size in sizes for whole in whole_sizes)
+
+
 # ---------------------------------------------------------------- data checks
 
 
@@ -350,6 +363,10 @@ def test_config_checks(tmp_path):
     (tmp_path / "config_fed_client.json").write_text(json.dumps(config))
     shutil.copy(JOB / "config_fed_server.json", tmp_path / "config_fed_server.json")
     with pytest.raises(ValueError, match="trainer.classification_loss 'dice' is not one of focal, bce"):
+        lnd.load_config(tmp_path / "config_fed_client.json")
+    config["trainer"].update(classification_loss="focal", crop_pos_neg=[0, 0])
+    (tmp_path / "config_fed_client.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config_fed_client.json: trainer.crop_pos_neg \[0, 0\] must be \[pos, neg\]"):
         lnd.load_config(tmp_path / "config_fed_client.json")
 
 
