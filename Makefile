@@ -10,6 +10,7 @@ PROFILE ?=
 WAIT ?=
 DEST ?=
 KEEP ?=
+HE ?=
 INVENTORY ?= ansible/inventories/local/hosts.yml
 export INVENTORY := $(abspath $(INVENTORY))
 
@@ -17,8 +18,8 @@ VENV := .venv/.installed
 
 .PHONY: help
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: SITE=<participant> JOB=<job or job folder> JOB_ID= PROFILE=demo WAIT=1 DEST=<dir> KEEP=1 INVENTORY=<file>"
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: SITE=<participant> JOB=<job or job folder> JOB_ID= PROFILE=demo WAIT=1 DEST=<dir> KEEP=1 HE=1 SERVER_HOST=<server name> INVENTORY=<file>"
 
 $(VENV): requirements.txt
 	scripts/setup.sh
@@ -27,8 +28,8 @@ $(VENV): requirements.txt
 setup: $(VENV) ## Install Debian tools and the pinned project venv (.venv)
 
 .PHONY: provision
-provision: $(VENV) ## Provision kits and mTLS certificates from provision/project.yml (keeps the root CA)
-	scripts/provision.sh
+provision: $(VENV) ## Provision kits and mTLS certificates from provision/project.yml (keeps the root CA; HE=1 adds CKKS contexts)
+	scripts/provision.sh $(if $(HE),--he)
 
 .PHONY: data
 data: $(VENV) ## Generate demo data for every site into workspace/data (JOB= for one job)
@@ -46,9 +47,29 @@ submit: $(VENV) ## Build and submit a job through the admin kit (JOB=, PROFILE=d
 fetch-model: $(VENV) ## Download the best global model to models/<JOB>/ (JOB=, JOB_ID=, DEST=)
 	scripts/fetch_model.sh "$(JOB)" "$(JOB_ID)" "$(DEST)"
 
+.PHONY: image
+image: $(VENV) ## Build the participant image from NVIDIA's PyTorch image (BASE_IMAGE=) and requirements.txt
+	scripts/build_image.sh production
+
+.PHONY: image-airgapped
+image-airgapped: $(VENV) ## Build the participant image with no registry: debootstrap base + local wheelhouse
+	scripts/build_image.sh airgapped
+
+.PHONY: compose-prepare
+compose-prepare: $(VENV) ## Lay out kits, local/ and compose.env for docker/docker-compose.flare.yml
+	scripts/compose_prepare.sh
+
 .PHONY: tensorboard
 tensorboard: $(VENV) ## Serve TensorBoard for the latest fetched run of JOB on port 6006
 	scripts/tensorboard.sh "$(JOB)"
+
+.PHONY: logs
+logs: $(VENV) ## Show the last lines of a participant's log.txt on its host (SITE=)
+	scripts/logs.sh "$(SITE)"
+
+.PHONY: stop
+stop: $(VENV) ## Stop one participant (SITE=); the others keep running
+	scripts/control.sh stop "$(or $(SITE),$(error SITE is not set: make stop SITE=<participant>))"
 
 .PHONY: status
 status: $(VENV) ## Show which participants run, and the server's jobs

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,8 +132,48 @@ def test_nodule_anchors_match_the_network():
 def test_profiles_keep_the_architecture(profile):
     overlay = load(profile)
     assert set(overlay) <= {"meta", "server", "client"}
-    assert "components" not in overlay.get("server", {}), "profiles may not replace the network"
+    if "components" in overlay.get("server", {}):  # a variant (he.json) may swap components, never the network
+        base = load(profile.parents[1] / "config_fed_server.json")
+        model = component(overlay["server"], "persistor")["args"]["model"]
+        if profile.name == "dp.json":  # the DP variant swaps only batch norm and in-place activations (Opacus)
+            model = {**model, "args": {k: v for k, v in model["args"].items() if k not in ("norm", "act")}}
+        assert model == component(base, "persistor")["args"]["model"]
     assert "network" not in overlay.get("client", {}).get("trainer", {})
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_sparse_updates_are_wired_and_off_by_default(job):
+    client = load(REPO / "job_configs" / job / "config_fed_client.json")
+    server = load(REPO / "job_configs" / job / "config_fed_server.json")
+    assert client["sparse_update"] == {"enabled": False, "top_k_percent": 10}
+    assert client["task_result_filters"] == [
+        {"tasks": ["train"], "filters": [{"path": "sparse_update.SparseUpdateEncoder", "args": {}}]}
+    ]
+    assert server["task_result_filters"] == [
+        {"tasks": ["train"], "filters": [{"path": "sparse_update.SparseUpdateDecoder", "args": {}}]}
+    ]
+
+
+def test_he_profile_uses_nvflare_he_components():
+    he = load(REPO / "job_configs" / "cxr_classification" / "profiles" / "he.json")
+    chains = he["client"]["task_data_filters"] + he["client"]["task_result_filters"]
+    paths = [c["path"] for c in he["server"]["components"]] + [f["path"] for c in chains for f in c["filters"]]
+    for name in ("HEModelSerializeFilter", "HEModelShareableGenerator", "HEInTimeAccumulateWeightedAggregator",
+                 "HEModelDecryptor", "HEModelEncryptor"):  # fmt: skip
+        assert any(p.startswith("nvflare.app_opt.he.") and p.endswith(name) for p in paths), name
+    assert component(he["server"], "persistor")["args"]["filter_id"] == "serialize_filter"
+    assert he["server"]["task_result_filters"] == [] and he["client"]["sparse_update"]["enabled"] is False
+
+
+def test_no_shipped_config_weakens_mutual_tls():
+    shipped = [p for p in REPO.rglob("*") if p.suffix in (".json", ".yml", ".yaml", ".j2")
+               and not {".venv", "workspace", "models", ".git"} & set(p.relative_to(REPO).parts)]  # fmt: skip
+    assert len(shipped) > 20
+    for path in shipped:
+        for mode in re.findall(r"connection_security\W+(\w+)", path.read_text()):
+            assert mode == "mtls", f"{path}: connection_security {mode}"
+    project = yaml.safe_load((REPO / "provision" / "project.yml").read_text())
+    assert all("connection_security" not in p for p in project["participants"])  # nvflare's default: mtls
 
 
 def test_project_yml():

@@ -52,7 +52,7 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def deployed(env):
     first = run("provision.sh", env=env)
-    second = run("provision.sh", env=env)
+    second = run("provision.sh", "--he", env=env)  # HE contexts as well, for test_he.py; same root CA
     run("generate_data.sh", env=env)
     deploy = run("deploy.sh", env=env)
     assert re.search(r"hospital_b\s+: ok=\d+\s+changed=[1-9]", deploy.stdout)

@@ -15,12 +15,7 @@ from monai.networks.nets import DenseNet121
 
 from conftest import run
 
-TINY_PROFILE = {
-    "meta": {"resource_spec": {}},
-    "server": {"num_rounds": 2},
-    "client": {"trainer": {"image_size": [32, 32], "batch_size": 8, "num_workers": 0,
-                           "optimizer": {"name": "Adam", "args": {"lr": 0.001}}}},
-}  # fmt: skip
+TINY_PROFILE = json.loads((Path(__file__).resolve().parents[1] / "tiny_cxr_profile.json").read_text())  # 2 rounds, 32 px
 
 
 def test_reprovisioning_keeps_the_root_ca(deployed, env):
