@@ -4,7 +4,7 @@ network namespace on a bridge with its own address and its own sshd, and its own
 /opt/hcls-flare/venv, as production hosts do, and their demo data under /opt/data.
 Everything made here is removed at the end, also on failure, and first of all leftovers of a crashed run."""
 
-import importlib.util
+import json
 import os
 import re
 import shutil
@@ -21,14 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
 
 
-def load_module(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TINY_DATA = load_module("e2e_conftest", REPO / "tests" / "e2e" / "conftest.py").TINY_DATA
+TINY_DATA = json.loads((REPO / "tests" / "tiny_data.json").read_text())  # generator sizes (scripts/generate_data.sh)
 
 PREFIX = "hclsd"  # namespaces hclsd-h<i>, root-side veths hclsd-v<i>, bridge hclsd-br
 BRIDGE, BRIDGE_ADDR = f"{PREFIX}-br", "10.77.0.1"

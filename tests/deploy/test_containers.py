@@ -28,7 +28,8 @@ ENGINE_NETNS = "/run/netns/hcls-docker"  # scripts/docker_engine.sh
 # of the pinned CUDA build (~5 GB) so that it builds in a few minutes; torchvision, which needs the
 # pinned torch, is left out (the CXR job does not use it). nvflare and MONAI are requirements.txt's.
 TEST_TORCH = "torch==2.13.0+cpu"
-TINY_CXR = {"CXR_N_TRAIN": "24", "CXR_N_VAL": "16", "CXR_SIZE": "32"}  # as tests/e2e/conftest.py
+TINY_DATA = json.loads((Path(__file__).resolve().parents[1] / "tiny_data.json").read_text())
+TINY_CXR = {k: v for k, v in TINY_DATA.items() if k.startswith("CXR_")}
 TINY_PROFILE = json.loads((Path(__file__).resolve().parents[1] / "tiny_cxr_profile.json").read_text())  # 2 rounds, 32 px
 # Run inside flare-admin with the FLARE API of the image: submit, wait, print the final status.
 SUBMIT = """

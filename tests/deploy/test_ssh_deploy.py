@@ -10,10 +10,10 @@ import time
 import pytest
 import testinfra
 import torch
-from conftest import HOSTS, REPO, load_module, recap, run, veth
+from conftest import HOSTS, REPO, recap, run, veth
 from monai.networks.nets import DenseNet121
 
-TINY_PROFILE = load_module("e2e_local_federation", REPO / "tests" / "e2e" / "test_local_federation.py").TINY_PROFILE
+TINY_PROFILE = json.loads((REPO / "tests" / "tiny_cxr_profile.json").read_text())  # 2 rounds, 32 px
 def host(name: str, inventory) -> testinfra.host.Host:
     return testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory}")
 

@@ -12,11 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PORTS = (8003, 8103)
-TINY_DATA = {  # generator sizes (scripts/generate_data.sh)
-    "CXR_N_TRAIN": "24", "CXR_N_VAL": "16", "CXR_SIZE": "32",
-    "CT_N_TRAIN": "2", "CT_N_VAL": "1", "CT_SIZE": "32",
-    "LUNA_N_TRAIN": "2", "LUNA_N_VAL": "1", "LUNA_SIZE": "48",
-}  # fmt: skip
+TINY_DATA = json.loads((REPO / "tests" / "tiny_data.json").read_text())  # generator sizes (scripts/generate_data.sh)
 
 
 def run(*args, env, check=True, timeout=900):
