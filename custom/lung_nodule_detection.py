@@ -14,10 +14,11 @@ job's choices: ``trainer.matcher`` is the IoU matcher (``fg_iou_thresh``, ``bg_i
 ``allow_low_quality_matches``) unless it says ``"type": "atss"`` (the tutorial's ATSS matcher,
 ``num_candidates``, ``center_in_gt``); ``classification_loss`` ``"focal"`` is MONAI's FocalLoss
 (gamma 2; the detector's own default, and the tutorial's, is ``"bce"``). The optional
-``trainer.crop_pos_neg`` (default ``[1, 1]``, the tutorial's) weighs patches centred on a whole
-nodule against random ones: a random patch smaller than the volume often cuts a nodule at its
-border, and the clipped box teaches the network that patch borders hold nodules (whole-volume
-validation then scores the volume's corners), so a demo with small patches uses ``[1, 0]``.
+``trainer.crop_pos_neg`` (default ``[1, 1]``, the tutorial's) weighs patches that hold a whole
+nodule against random ones. ``trainer.lr_warmup_epochs`` (default 0: none) raises the learning
+rate linearly, step by step, from almost 0 to the optimizer's over that many local epochs, counted
+across rounds (the tutorial warms up over 10 epochs): at SGD's 0.01 from the first step, the
+from-scratch network stops looking at the image.
 
 Data directory (LUNA16 layout):
 
@@ -97,6 +98,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CLASSIFICATION_LOSSES = ("focal", "bce")
 BOX_REGRESSION_LOSSES = ("smooth_l1",)
 DEFAULT_CROP_POS_NEG = (1, 1)  # MONAI's LUNA16 tutorial: half the patches centred on a nodule
+DEFAULT_LR_WARMUP_EPOCHS = 0
 IOU_THRESHOLD = froc.LUNA16_IOU_THRESHOLD
 MAX_REPORTED_ERRORS = 20
 
@@ -391,6 +393,14 @@ def build_detector(network: torch.nn.Module, trainer: dict, config_path: Path) -
     return detector
 
 
+def lr_warmup(optimizer: torch.optim.Optimizer, trainer: dict, steps_per_epoch: int):
+    """Linear warm-up over ``trainer.lr_warmup_epochs`` epochs of ``steps_per_epoch`` steps; None without one."""
+    warmup_steps = round(trainer.get("lr_warmup_epochs", DEFAULT_LR_WARMUP_EPOCHS) * steps_per_epoch)
+    if warmup_steps <= 0:
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
+
+
 def autocast(device: torch.device, amp: bool):
     """Mixed precision on CUDA when ``amp`` (MONAI's tutorial trains with AMP); a no-op otherwise."""
     return torch.autocast(device_type="cuda") if amp and device.type == "cuda" else nullcontext()
@@ -399,8 +409,10 @@ def autocast(device: torch.device, amp: bool):
 # ---------------------------------------------------------------- train / evaluate
 
 
-def train(detector, loader, optimizer, scaler, epochs: int, device: torch.device, amp: bool) -> tuple[float, int]:
-    """Train ``epochs`` epochs, one optimizer step per volume's patches; return mean loss and steps."""
+def train(
+    detector, loader, optimizer, scaler, epochs: int, device: torch.device, amp: bool, scheduler=None
+) -> tuple[float, int]:
+    """Train ``epochs`` epochs, one optimizer step (and ``scheduler`` step) per volume's patches; return mean loss and steps."""
     detector.train()
     total, steps = 0.0, 0
     for _ in range(epochs):
@@ -415,6 +427,8 @@ def train(detector, loader, optimizer, scaler, epochs: int, device: torch.device
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if scheduler is not None:
+                scheduler.step()
             total, steps = total + loss.item(), steps + 1
     return total / max(steps, 1), steps
 
@@ -461,6 +475,9 @@ def load_config(config_path: Path) -> dict:
     numbers = isinstance(crop, list | tuple) and all(isinstance(v, int | float) and v >= 0 for v in crop)
     if not numbers or len(crop) != 2 or sum(crop) <= 0:
         raise ValueError(f"{config_path}: trainer.crop_pos_neg {crop!r} must be [pos, neg], weights >= 0, not both 0")
+    warmup = trainer.get("lr_warmup_epochs", DEFAULT_LR_WARMUP_EPOCHS)
+    if isinstance(warmup, bool) or not isinstance(warmup, int | float) or not warmup >= 0:
+        raise ValueError(f"{config_path}: trainer.lr_warmup_epochs {warmup!r} must be a number of epochs >= 0")
     return trainer
 
 
@@ -481,13 +498,16 @@ def main() -> None:
     detector = build_detector(network, trainer, config_path).to(device)
     optimizer = hcls_common.build_optimizer(trainer, config_path, detector.network.parameters())
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scheduler = lr_warmup(optimizer, trainer, steps_per_epoch=len(train_loader))
 
     n_nodules = sum(len(r["label"]) for r in train_records)
     print(f"{JOB_NAME}: {len(train_records)} training series ({n_nodules} nodules), device={device} amp={amp}")
     hcls_common.run_federated(
         JOB_NAME, KEY_METRIC, detector.network,
         evaluate=lambda: evaluate(detector, val_loader, device, trainer, amp),
-        train=lambda: train(detector, train_loader, optimizer, scaler, trainer["local_epochs"], device, amp),
+        train=lambda: train(
+            detector, train_loader, optimizer, scaler, trainer["local_epochs"], device, amp, scheduler
+        ),
         n_train=len(train_records),
     )  # fmt: skip
 

@@ -6,7 +6,7 @@
 source "$(dirname "$0")/common.sh"
 CXR_N_TRAIN=${CXR_N_TRAIN:-160} CXR_N_VAL=${CXR_N_VAL:-60} CXR_SIZE=${CXR_SIZE:-128}
 CT_N_TRAIN=${CT_N_TRAIN:-10} CT_N_VAL=${CT_N_VAL:-4} CT_SIZE=${CT_SIZE:-48}
-LUNA_N_TRAIN=${LUNA_N_TRAIN:-10} LUNA_N_VAL=${LUNA_N_VAL:-4} LUNA_SIZE=${LUNA_SIZE:-64}
+LUNA_N_TRAIN=${LUNA_N_TRAIN:-10} LUNA_N_VAL=${LUNA_N_VAL:-6} LUNA_SIZE=${LUNA_SIZE:-48}
 
 generate() {  # generate JOB SITE SEED OUT
   local job=$1 site=$2 seed=$3 out=$4

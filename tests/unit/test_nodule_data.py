@@ -368,6 +368,24 @@ def test_config_checks(tmp_path):
     (tmp_path / "config_fed_client.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config_fed_client.json: trainer.crop_pos_neg \[0, 0\] must be \[pos, neg\]"):
         lnd.load_config(tmp_path / "config_fed_client.json")
+    config["trainer"].update(crop_pos_neg=[1, 1], lr_warmup_epochs=-1)
+    (tmp_path / "config_fed_client.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config_fed_client.json: trainer.lr_warmup_epochs -1 must be a number of epochs"):
+        lnd.load_config(tmp_path / "config_fed_client.json")
+
+
+def test_lr_warmup_rises_linearly_to_the_configured_rate():
+    """lr_warmup_epochs x steps_per_epoch optimizer steps take the rate from lr / steps to lr, then it stays."""
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.01, momentum=0.9)
+    assert lnd.lr_warmup(optimizer, {"lr_warmup_epochs": 0}, steps_per_epoch=10) is None
+    scheduler = lnd.lr_warmup(optimizer, {"lr_warmup_epochs": 2.5}, steps_per_epoch=4)  # 10 steps
+    rates = []
+    for _ in range(12):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.001 * k for k in range(1, 11)] + [0.01, 0.01])
 
 
 def test_one_train_step_and_evaluation(network, generated, demo_trainer):
