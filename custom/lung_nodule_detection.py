@@ -412,7 +412,7 @@ def autocast(device: torch.device, amp: bool):
 def train(
     detector, loader, optimizer, scaler, epochs: int, device: torch.device, amp: bool, scheduler=None
 ) -> tuple[float, int]:
-    """Train ``epochs`` epochs, one optimizer step (and ``scheduler`` step) per volume's patches; return mean loss and steps."""
+    """Train ``epochs`` epochs, one optimizer (and ``scheduler``) step per volume's patches; return mean loss, steps."""
     detector.train()
     total, steps = 0.0, 0
     for _ in range(epochs):
