@@ -4,10 +4,8 @@ Run by NVFlare's ClientAPIExecutor from the job's app directory on a site::
 
     python3 -u custom/ct_segmentation.py --config config/config_fed_client.json
 
-Hyper-parameters come from the ``"trainer"`` object of ``--config``; the network
-(the server persistor's model) and the key metric come from the job's server config
-next to it (the app is deployed to all participants); the data directory comes from
-the site config (``$HCLS_SITE_CONFIG``, key ``datasets.ct_segmentation``).
+Hyper-parameters, the network and the key metric come from the job (``hcls.job_config.JobConfig``);
+the data directory from the site config (``$HCLS_SITE_CONFIG``, key ``datasets.ct_segmentation``).
 
 Data: MONAI decathlon layout. The data directory holds ``train_data.json`` and
 ``val_data.json``, each ``{"training": [{"image": ..., "label": ...}, ...]}`` with paths
@@ -33,7 +31,7 @@ Metrics (MONAI ``DiceMetric``, background excluded, on the argmax prediction):
   label contains it. A volume without the organ gives no value for it (MONAI's
   ``ignore_empty``; predicted voxels of that organ there are not penalised). An organ in
   no validation label has no value and is left out of the metrics dict (no NaN is sent).
-* ``val_mean_dice`` (key metric): the mean of the ``val_dice_<organ>`` values present,
+* the key metric (``val_mean_dice`` in the job config): the mean of the ``val_dice_<organ>`` values present,
   i.e. a nan-mean over the organs; NaN only if no validation label contains any organ.
 
 Loss: ``trainer.loss`` looked up in ``monai.losses`` (a class ``weight`` list in its args
@@ -42,7 +40,6 @@ these defaults when absent: ``crop_foreground`` (true) and ``cache_rate`` (1.0: 
 pre-processed volumes are cached in memory; lower it for large datasets).
 """
 
-import argparse
 import math
 from pathlib import Path
 
@@ -53,25 +50,16 @@ import torch
 from monai.data import CacheDataset, DataLoader, decollate_batch
 from monai.inferers import SlidingWindowInferer
 from monai.metrics import DiceMetric
-from monai.transforms import (
-    AsDiscrete,
-    Compose,
-    CropForegroundd,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImaged,
-    Orientationd,
-    RandCropByPosNegLabeld,
-    RandShiftIntensityd,
-    ScaleIntensityRanged,
-    Spacingd,
-    SpatialPadd,
-)
+from monai.transforms import AsDiscrete, Compose, EnsureTyped, RandCropByPosNegLabeld, RandShiftIntensityd, SpatialPadd
 
-import hcls_common
+from hcls import client_loop, transform_config
+from hcls.components import build_optimizer
+from hcls.job_config import JobConfig
+from hcls.json_files import read_json
+from hcls.site_config import SiteConfig
+from hcls.training import Trainer, train_epochs
 
 JOB_NAME = "ct_segmentation"
-KEY_METRIC = "val_mean_dice"
 TRAIN_LIST, VAL_LIST = "train_data.json", "val_data.json"
 REQUIRED_KEYS = (
     "labels", "pixdim", "intensity_range", "roi_size", "num_samples", "pos_neg_ratio", "optimizer", "loss",
@@ -145,7 +133,7 @@ def check_entry(data_dir: Path, entry, n_labels: int) -> dict:
 
 def read_datalist(list_path: Path, n_labels: int, max_samples: int = 0) -> list[dict]:
     """Check the whole decathlon list ``list_path``, then return its first ``max_samples`` records (0 = all)."""
-    entries = hcls_common.read_json(list_path).get("training")
+    entries = read_json(list_path).get("training")
     if not isinstance(entries, list):
         raise ValueError(f"{list_path}: no 'training' list of {{image, label}} entries")
     if not entries:
@@ -165,21 +153,37 @@ def read_datalist(list_path: Path, n_labels: int, max_samples: int = 0) -> list[
 # ---------------------------------------------------------------- transforms
 
 
-def deterministic_transforms(trainer: dict) -> list:
-    """Load, RAS, resample to ``pixdim``, window ``intensity_range`` to 0..1, optionally crop to the body."""
-    keys = ["image", "label"]
+def spatial_preprocessing(trainer: dict, keys: list[str]) -> list[dict]:
+    """Load, RAS, resample to ``pixdim``, window ``intensity_range`` to 0..1, optionally crop to the body.
+
+    MONAI bundle config (see hcls.transform_config) over ``keys``: ``["image", "label"]`` for validation
+    (labels resampled with nearest neighbours), ``["image"]`` for the bundle's inference.
+    """
     a_min, a_max = trainer["intensity_range"]
+    modes = ["bilinear", "nearest"][: len(keys)]
     transforms = [
-        LoadImaged(keys=keys, image_only=True),
-        EnsureChannelFirstd(keys=keys),
-        Orientationd(keys=keys, axcodes="RAS", labels=None),  # labels=None: the MetaTensor's space (RAS for NIfTI)
-        Spacingd(keys=keys, pixdim=trainer["pixdim"], mode=("bilinear", "nearest")),
-        ScaleIntensityRanged(keys="image", a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True),
-    ]
-    if trainer.get("crop_foreground", OPTIONAL_DEFAULTS["crop_foreground"]):
-        transforms.append(CropForegroundd(keys=keys, source_key="image", allow_smaller=True))  # voxels above a_min
-    transforms.append(EnsureTyped(keys=keys, dtype=(torch.float32, torch.uint8), track_meta=False))
+        {"_target_": "LoadImaged", "keys": keys, "image_only": True},
+        {"_target_": "EnsureChannelFirstd", "keys": keys},
+        {"_target_": "Orientationd", "keys": keys, "axcodes": "RAS", "labels": None},  # None: the MetaTensor's (RAS)
+        {"_target_": "Spacingd", "keys": keys, "pixdim": trainer["pixdim"], "mode": modes},
+        {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": a_min, "a_max": a_max, "b_min": 0.0,
+         "b_max": 1.0, "clip": True},
+    ]  # fmt: skip
+    if trainer.get("crop_foreground", OPTIONAL_DEFAULTS["crop_foreground"]):  # voxels above a_min
+        transforms.append({"_target_": "CropForegroundd", "keys": keys, "source_key": "image", "allow_smaller": True})
     return transforms
+
+
+def inference_preprocessing(trainer: dict) -> list[dict]:
+    """What validation does to an image, for the bundle's inference."""
+    return spatial_preprocessing(trainer, ["image"])
+
+
+def deterministic_transforms(trainer: dict) -> list:
+    """The validation pre-processing of image and label, as tensors without meta data (cached)."""
+    keys = ["image", "label"]
+    typed = EnsureTyped(keys=keys, dtype=(torch.float32, torch.uint8), track_meta=False)
+    return [*transform_config.instantiate(spatial_preprocessing(trainer, keys)), typed]
 
 
 def random_transforms(trainer: dict) -> list:
@@ -261,15 +265,15 @@ def score_batch(metric: DiceMetric, logits: torch.Tensor, label: torch.Tensor, n
     metric(y_pred=preds, y=targets)
 
 
-def dice_metrics(metric: DiceMetric, labels: list[str]) -> dict:
-    """``{"val_mean_dice", "val_dice_<organ>"...}`` from the accumulated ``metric`` (see the module docstring)."""
+def dice_metrics(metric: DiceMetric, labels: list[str], key_metric: str) -> dict:
+    """``{key_metric: mean Dice, "val_dice_<organ>": ...}`` from the accumulated ``metric`` (see the module docstring)."""
     per_organ, counted = metric.aggregate()  # mean over volumes with the organ, and how many had it
     per_organ = torch.where(counted > 0, per_organ, torch.full_like(per_organ, math.nan))
     if per_organ.numel() != len(labels):
         raise ValueError(f"Dice has {per_organ.numel()} organ channels, trainer.labels has {len(labels)}")
     organs = {f"val_dice_{name}": float(d) for name, d in zip(labels, per_organ) if not math.isnan(float(d))}
     mean = float(np.mean(list(organs.values()))) if organs else math.nan
-    return {KEY_METRIC: mean, **organs}
+    return {key_metric: mean, **organs}
 
 
 # ---------------------------------------------------------------- train / evaluate
@@ -280,7 +284,7 @@ def make_inferer(trainer: dict) -> SlidingWindowInferer:
     return SlidingWindowInferer(roi_size=trainer["roi_size"], **trainer["sliding_window"])
 
 
-def evaluate(model: torch.nn.Module, loader: DataLoader, inferer, labels: list[str], device: torch.device) -> dict:
+def evaluate(model, loader: DataLoader, inferer, labels: list[str], device: torch.device, key_metric: str) -> dict:
     """Dice metrics of ``model`` on the whole validation volumes of ``loader``."""
     model.eval()
     metric = new_dice_metric()
@@ -288,47 +292,30 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, inferer, labels: list[s
         for batch in loader:
             logits = inferer(batch["image"].to(device), model)
             score_batch(metric, logits, batch["label"].to(device), len(labels) + 1)
-    return dice_metrics(metric, labels)
+    return dice_metrics(metric, labels, key_metric)
 
 
-def train(model, loader, optimizer, loss_fn, epochs: int, device: torch.device) -> tuple[float, int]:
-    """Train ``epochs`` epochs; return the mean batch loss and the number of optimizer steps."""
-    model.train()
-    total, steps = 0.0, 0
-    for _ in range(epochs):
-        for batch in loader:
-            optimizer.zero_grad()
-            logits = model(batch["image"].to(device))
-            loss = loss_fn(logits, batch["label"].to(device))
-            loss.backward()
-            optimizer.step()
-            total, steps = total + loss.item(), steps + 1
-    return total / max(steps, 1), steps
+# ---------------------------------------------------------------- the trainer
 
 
-# ---------------------------------------------------------------- entry point
-
-
-def load_config(config_path: Path) -> dict:
-    """The trainer config, with the settings this trainer depends on checked against the network."""
-    trainer = hcls_common.load_trainer_config(config_path, REQUIRED_KEYS)
-    server_config = hcls_common.server_config_path(config_path)
-    key_metric = hcls_common.key_metric(config_path)
-    if key_metric != KEY_METRIC:
-        raise ValueError(f"{server_config}: key_metric must be {KEY_METRIC!r} for this trainer, got {key_metric!r}")
-    net_args = hcls_common.network_spec(config_path)["args"]
+def load_settings(job: JobConfig) -> dict:
+    """The job's trainer settings, with the ones this trainer depends on checked against the network."""
+    trainer = job.trainer(REQUIRED_KEYS)
+    net_args = job.network["args"]
     n_classes = len(trainer["labels"]) + 1
     if net_args.get("out_channels") != n_classes:
         raise ValueError(
-            f"{server_config}: the network's out_channels ({net_args.get('out_channels')}) must be "
-            f"len(trainer.labels) + 1 = {n_classes} (background + organs of {config_path})"
+            f"{job.server_path}: the network's out_channels ({net_args.get('out_channels')}) must be "
+            f"len(trainer.labels) + 1 = {n_classes} (background + organs of {job.client_path})"
         )
-    divisor = 2 ** (len(net_args.get("blocks_down", [1, 2, 2, 4])) - 1)  # SegResNet downsamplings
+    if not isinstance(net_args.get("blocks_down"), list):
+        raise ValueError(f"{job.server_path}: the network's blocks_down must be a list (SegResNet's stages)")
+    divisor = 2 ** (len(net_args["blocks_down"]) - 1)  # SegResNet downsamplings
     roi = trainer["roi_size"]
     if len(roi) != 3 or any(int(s) != s or s <= 0 or s % divisor for s in roi):
-        raise ValueError(f"{config_path}: trainer.roi_size {roi} must be 3 positive multiples of {divisor}")
+        raise ValueError(f"{job.client_path}: trainer.roi_size {roi} must be 3 positive multiples of {divisor}")
     if len(trainer["pixdim"]) != 3 or len(trainer["intensity_range"]) != 2 or len(trainer["pos_neg_ratio"]) != 2:
-        raise ValueError(f"{config_path}: trainer.pixdim needs 3 values, intensity_range and pos_neg_ratio 2")
+        raise ValueError(f"{job.client_path}: trainer.pixdim needs 3 values, intensity_range and pos_neg_ratio 2")
     return trainer
 
 
@@ -340,31 +327,28 @@ def load_data(trainer: dict, data_dir: Path) -> tuple[list[dict], list[dict]]:
     return train_records, val_records
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="CT segmentation trainer (NVFlare Client API)")
-    parser.add_argument("--config", type=Path, required=True, help="job client config with a 'trainer' object")
-    config_path = parser.parse_args().config
-
-    trainer = load_config(config_path)
-    hcls_common.seed_everything(trainer["seed"])
+def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
+    trainer = load_settings(job)
     labels = trainer["labels"]
-    train_records, val_records = load_data(trainer, hcls_common.site_dataset_dir(JOB_NAME))
+    train_records, val_records = load_data(trainer, site.dataset_dir(JOB_NAME))
     train_loader = make_loader(train_records, trainer, train=True)
     val_loader = make_loader(val_records, trainer, train=False)
     inferer = make_inferer(trainer)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = hcls_common.build_network_from_spec(hcls_common.network_spec(config_path)).to(device)
-    optimizer = hcls_common.build_optimizer(trainer, config_path, model.parameters())
-    loss_fn = build_loss(trainer, config_path).to(device)
+    model = job.build_network().to(device)
+    optimizer = build_optimizer(trainer, job.client_path, model.parameters())
+    loss_fn = build_loss(trainer, job.client_path).to(device)
 
-    hcls_common.run_federated(
-        JOB_NAME, KEY_METRIC, model,
-        evaluate=lambda: evaluate(model, val_loader, inferer, labels, device),
-        train=lambda: train(model, train_loader, optimizer, loss_fn, trainer["local_epochs"], device),
+    def batch_loss(batch):
+        return loss_fn(model(batch["image"].to(device)), batch["label"].to(device))
+
+    return Trainer(
+        model=model,
+        train=lambda: train_epochs(model, train_loader, optimizer, batch_loss, trainer["local_epochs"]),
+        evaluate=lambda: evaluate(model, val_loader, inferer, labels, device, job.key_metric),
         n_train=len(train_records),
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":
-    main()
+    client_loop.main(JOB_NAME, build)

@@ -4,12 +4,9 @@ Run by NVFlare's ClientAPIExecutor from the job's app directory on a site::
 
     python3 -u custom/cxr_classification.py --config config/config_fed_client.json
 
-Hyper-parameters come from the ``"trainer"`` object of ``--config``; the network
-(the server persistor's model) and the key metric come from the job's server config
-next to it (the app is deployed to all participants); the data
-directory comes from the site config (``$HCLS_SITE_CONFIG``, key
-``datasets.cxr_classification``). It holds CheXpert-format ``train.csv`` and
-``val.csv`` whose ``Path`` column is relative to that directory.
+Hyper-parameters, the network and the key metric come from the job (``hcls.job_config.JobConfig``);
+the data directory from the site config (``$HCLS_SITE_CONFIG``, key ``datasets.cxr_classification``).
+It holds CheXpert-format ``train.csv`` and ``val.csv`` whose ``Path`` column is relative to that directory.
 
 Label policy (CheXpert cell values):
 
@@ -26,14 +23,13 @@ row 1) and the column, raised for the whole CSV before training starts. Only the
 never reaches a record), and a label that the site lists in ``privacy.blocked_data_fields`` is refused.
 
 Differential privacy, when the site config requires it (``privacy.differential_privacy``), is
-record-level DP-SGD with Opacus (``hcls_common.make_private``) over all rounds and local epochs of the
+record-level DP-SGD with Opacus (``hcls.dp_sgd.make_private``) over all rounds and local epochs of the
 job; it needs a network without batch normalisation or in-place activations (``profiles/dp.json``).
 
-Key metric ``val_auc``: ROC AUC per label, averaged over the labels that have both
+Key metric (``val_auc`` in the job config): ROC AUC per label, averaged over the labels that have both
 classes among their (unmasked) validation rows.
 """
 
-import argparse
 import csv
 import math
 import warnings
@@ -41,14 +37,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import DataLoader, Dataset, PILReader
+from monai.data import DataLoader, Dataset
 from monai.metrics import compute_roc_auc
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandAffined, Resized, ScaleIntensityd
+from monai.transforms import Compose, RandAffined
 
-import hcls_common
+from hcls import client_loop, transform_config
+from hcls.components import build_by_name, build_optimizer
+from hcls.dp_sgd import make_private
+from hcls.job_config import JobConfig
+from hcls.site_config import SiteConfig
+from hcls.training import Trainer, train_epochs
 
 JOB_NAME = "cxr_classification"
-KEY_METRIC = "val_auc"
 POLICIES = {"ones": 1.0, "zeros": 0.0, "ignore": None}  # value given to an uncertain (-1) label; None = masked
 REQUIRED_KEYS = (
     "labels", "uncertain_label_policy", "image_size", "optimizer", "loss", "local_epochs", "batch_size",
@@ -143,23 +143,24 @@ def read_label_csv(csv_path: Path, labels: list[str], policy: str, max_samples: 
 # ---------------------------------------------------------------- images
 
 
-def to_grayscale(image):
-    """PIL converter: any JPEG mode to 8-bit grayscale."""
-    return image.convert("L")
+def inference_preprocessing(trainer: dict) -> list[dict]:
+    """A JPEG/PNG as a 1-channel float image in 0..1 of ``image_size`` (MONAI bundle config; see hcls.transform_config)."""
+    return [
+        {"_target_": "LoadImaged", "keys": "image", "image_only": True,
+         "reader": {"_target_": "PILReader", "converter": "$lambda image: image.convert('L')"}},  # any mode -> 8-bit gray
+        {"_target_": "EnsureChannelFirstd", "keys": "image", "channel_dim": "no_channel"},
+        {"_target_": "ScaleIntensityd", "keys": "image"},
+        {"_target_": "Resized", "keys": "image", "spatial_size": trainer["image_size"]},
+    ]  # fmt: skip
 
 
-def image_transforms(image_size: list[int], train: bool) -> Compose:
-    """Load a JPEG as a 1-channel float image in 0..1 of ``image_size``; mild random affine on train."""
-    transforms = [
-        LoadImaged(keys="image", reader=PILReader(converter=to_grayscale), image_only=True),
-        EnsureChannelFirstd(keys="image", channel_dim="no_channel"),
-        ScaleIntensityd(keys="image"),
-        Resized(keys="image", spatial_size=image_size),
-    ]
+def image_transforms(trainer: dict, train: bool) -> Compose:
+    """The validation pre-processing; training adds a mild random affine."""
+    transforms = transform_config.instantiate(inference_preprocessing(trainer))
     if train:  # no flips: laterality matters in chest X-rays
         transforms.append(
             RandAffined(
-                keys="image", prob=0.5, rotate_range=0.05, translate_range=[0.03 * s for s in image_size],
+                keys="image", prob=0.5, rotate_range=0.05, translate_range=[0.03 * s for s in trainer["image_size"]],
                 scale_range=0.05, padding_mode="border",
             )
         )  # fmt: skip
@@ -168,7 +169,7 @@ def image_transforms(image_size: list[int], train: bool) -> Compose:
 
 def make_loader(records: list[dict], trainer: dict, train: bool) -> DataLoader:
     """A MONAI DataLoader over ``records``; shuffled with augmentation for training."""
-    dataset = Dataset(records, transform=image_transforms(trainer["image_size"], train))
+    dataset = Dataset(records, transform=image_transforms(trainer, train))
     return DataLoader(dataset, batch_size=trainer["batch_size"], shuffle=train, num_workers=trainer["num_workers"])
 
 
@@ -178,10 +179,11 @@ def make_loader(records: list[dict], trainer: dict, train: bool) -> DataLoader:
 def masked_loss(loss_fn: torch.nn.Module, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
     """Batch mean of each sample's mean element-wise ``loss_fn`` (reduction="none") over its unmasked labels.
 
-    Each sample's loss depends on that sample only, as DP-SGD's per-sample gradients require.
+    Each sample's loss depends on that sample only, as DP-SGD's per-sample gradients require. An empty batch
+    (DP-SGD's Poisson sampling can draw one) has loss 0, not nan.
     """
     per_sample = (loss_fn(logits, target) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-    return per_sample.mean()
+    return per_sample.sum() / max(per_sample.numel(), 1)
 
 
 def mean_auc(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
@@ -198,11 +200,8 @@ def mean_auc(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return float(np.mean(aucs))
 
 
-# ---------------------------------------------------------------- train / evaluate
-
-
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict:
-    """``{"val_auc": ...}`` of ``model`` on ``loader``."""
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, key_metric: str) -> dict:
+    """``{key_metric: mean AUC}`` of ``model`` on ``loader``."""
     model.eval()
     scores, targets, masks = [], [], []
     with torch.no_grad():
@@ -210,86 +209,69 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -
             scores.append(torch.sigmoid(model(batch["image"].to(device))).cpu())
             targets.append(batch["label"])
             masks.append(batch["mask"])
-    return {KEY_METRIC: mean_auc(torch.cat(scores), torch.cat(targets), torch.cat(masks))}
+    return {key_metric: mean_auc(torch.cat(scores), torch.cat(targets), torch.cat(masks))}
 
 
-def train(model, loader, optimizer, loss_fn, epochs: int, device: torch.device) -> tuple[float, int]:
-    """Train ``epochs`` epochs; return the mean batch loss and the number of optimizer steps."""
-    model.train()
-    total, steps = 0.0, 0
-    for _ in range(epochs):
-        for batch in loader:
-            optimizer.zero_grad()
-            logits = model(batch["image"].to(device))
-            loss = masked_loss(loss_fn, logits, batch["label"].to(device), batch["mask"].to(device))
-            loss.backward()
-            optimizer.step()
-            total, steps = total + loss.item(), steps + 1
-    return total / max(steps, 1), steps
+# ---------------------------------------------------------------- the trainer
 
 
-# ---------------------------------------------------------------- entry point
-
-
-def load_config(config_path: Path) -> dict:
-    """The trainer config, with the settings this trainer depends on checked."""
-    trainer = hcls_common.load_trainer_config(config_path, REQUIRED_KEYS)
-    key_metric = hcls_common.key_metric(config_path)
-    if key_metric != KEY_METRIC:
-        server_config = hcls_common.server_config_path(config_path)
-        raise ValueError(f"{server_config}: key_metric must be {KEY_METRIC!r} for this trainer, got {key_metric!r}")
+def load_settings(job: JobConfig) -> dict:
+    """The job's trainer settings, with the ones this trainer depends on checked."""
+    trainer = job.trainer(REQUIRED_KEYS)
     if trainer["uncertain_label_policy"] not in POLICIES:
         raise ValueError(
-            f"{config_path}: trainer.uncertain_label_policy {trainer['uncertain_label_policy']!r} "
+            f"{job.client_path}: trainer.uncertain_label_policy {trainer['uncertain_label_policy']!r} "
             f"is not one of {', '.join(POLICIES)}"
+        )
+    out_channels = job.network["args"].get("out_channels")
+    if out_channels != len(trainer["labels"]):
+        raise ValueError(
+            f"{job.server_path}: the network's out_channels ({out_channels}) must be "
+            f"len(trainer.labels) = {len(trainer['labels'])} ({job.client_path})"
         )
     return trainer
 
 
-def load_data(trainer: dict, data_dir: Path, blocked_fields=()) -> tuple[list[dict], list[dict]]:
+def load_data(trainer: dict, data_dir: Path, blocked_fields=(), site_config="the site config") -> tuple[list, list]:
     """Validated train and val records from ``data_dir``; a label among the site's ``blocked_fields`` is refused."""
     labels, policy = trainer["labels"], trainer["uncertain_label_policy"]
     blocked = [label for label in labels if label in blocked_fields]
     if blocked:
         raise ValueError(
             f"trainer.labels names {', '.join(blocked)}, blocked by this site "
-            f"({hcls_common.site_config_path()}: privacy.blocked_data_fields): never loaded"
+            f"({site_config}: privacy.blocked_data_fields): never loaded"
         )
     train_records = read_label_csv(data_dir / "train.csv", labels, policy, trainer["max_train_samples"])
     val_records = read_label_csv(data_dir / "val.csv", labels, policy, trainer["max_val_samples"])
     return train_records, val_records
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="CXR classification trainer (NVFlare Client API)")
-    parser.add_argument("--config", type=Path, required=True, help="job client config with a 'trainer' object")
-    config_path = parser.parse_args().config
-
-    trainer = load_config(config_path)
-    hcls_common.seed_everything(trainer["seed"])
-    privacy = hcls_common.site_privacy()
-    train_records, val_records = load_data(
-        trainer, hcls_common.site_dataset_dir(JOB_NAME), privacy.get("blocked_data_fields", [])
-    )
+def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
+    trainer = load_settings(job)
+    train_records, val_records = load_data(trainer, site.dataset_dir(JOB_NAME), site.blocked_fields, site.path)
     train_loader = make_loader(train_records, trainer, train=True)
     val_loader = make_loader(val_records, trainer, train=False)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = hcls_common.build_network_from_spec(hcls_common.network_spec(config_path)).to(device)
-    optimizer = hcls_common.build_optimizer(trainer, config_path, model.parameters())
-    loss_fn = hcls_common.build_loss(trainer, config_path, reduction="none")
-    dp, dp_accounting = hcls_common.site_dp_policy(), None
-    if dp:
-        epochs = hcls_common.num_rounds(config_path) * trainer["local_epochs"]
-        optimizer, train_loader, dp_accounting = hcls_common.make_private(model, optimizer, train_loader, dp, epochs)
+    model = job.build_network().to(device)
+    optimizer = build_optimizer(trainer, job.client_path, model.parameters())
+    loss_fn = build_by_name(torch.nn, trainer["loss"], job.client_path, "loss", reduction="none")
+    dp_accounting = None
+    if site.dp_policy:
+        epochs = job.num_rounds * trainer["local_epochs"]
+        optimizer, train_loader, dp_accounting = make_private(model, optimizer, train_loader, site.dp_policy, epochs)
 
-    hcls_common.run_federated(
-        JOB_NAME, KEY_METRIC, model,
-        evaluate=lambda: evaluate(model, val_loader, device),
-        train=lambda: train(model, train_loader, optimizer, loss_fn, trainer["local_epochs"], device),
-        n_train=len(train_records), dp_accounting=dp_accounting,
-    )  # fmt: skip
+    def batch_loss(batch):
+        logits = model(batch["image"].to(device))
+        return masked_loss(loss_fn, logits, batch["label"].to(device), batch["mask"].to(device))
+
+    return Trainer(
+        model=model,
+        train=lambda: train_epochs(model, train_loader, optimizer, batch_loss, trainer["local_epochs"]),
+        evaluate=lambda: evaluate(model, val_loader, device, job.key_metric),
+        n_train=len(train_records),
+        dp_accounting=dp_accounting,
+    )
 
 
 if __name__ == "__main__":
-    main()
+    client_loop.main(JOB_NAME, build)

@@ -4,9 +4,8 @@ Run by NVFlare's ClientAPIExecutor from the job's app directory on a site::
 
     python3 -u custom/lung_nodule_detection.py --config config/config_fed_client.json
 
-Hyper-parameters come from the ``"trainer"`` object of ``--config``; the network
-(``NoduleRetinaNet``, the server persistor's model) and the key metric come from the job's
-server config next to it; the data directory comes from the site config
+Hyper-parameters, the network (``NoduleRetinaNet``) and the key metric come from the job
+(``hcls.job_config.JobConfig``); the data directory from the site config
 (``$HCLS_SITE_CONFIG``, key ``datasets.lung_nodule_detection``). The exchanged parameters
 are the network's state_dict; the detector around it (anchors, matcher, sampler, losses,
 box selection, sliding-window inference) follows MONAI's LUNA16 detection tutorial, with the
@@ -42,11 +41,10 @@ non-positive value, a seriesuid without an image in ``images/``, a nodule centre
 its volume, a list entry naming a missing, non-NIfTI (by extension or unreadable NIfTI
 header) or mismatched file, an empty split or one without any nodule.
 
-Key metric ``val_froc``: mean sensitivity at ``trainer.froc_fps_per_scan`` false positives
+Key metric (``val_froc`` in the job config): mean sensitivity at ``trainer.froc_fps_per_scan`` false positives
 per scan, boxes matched at IoU >= 0.1 (see ``froc.py``), on whole validation volumes.
 """
 
-import argparse
 import csv
 import math
 from contextlib import nullcontext
@@ -70,22 +68,21 @@ from monai.data.utils import no_collation
 from monai.losses import FocalLoss
 from monai.transforms import (
     Compose,
-    EnsureChannelFirstd,
     EnsureTyped,
     Lambdad,
-    LoadImaged,
-    Orientationd,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    ScaleIntensityRanged,
-    Spacingd,
 )
 
 import froc
-import hcls_common
+from hcls import client_loop, transform_config
+from hcls.components import build_optimizer
+from hcls.job_config import JobConfig
+from hcls.json_files import read_json
+from hcls.site_config import SiteConfig
+from hcls.training import Trainer, train_epochs
 
 JOB_NAME = "lung_nodule_detection"
-KEY_METRIC = "val_froc"
 REQUIRED_KEYS = (
     "spacing", "intensity_range", "patch_size", "val_patch_size", "anchors", "matcher", "sampler",
     "classification_loss", "box_regression_loss", "inference", "froc_fps_per_scan", "optimizer",
@@ -221,7 +218,7 @@ def read_annotations(csv_path: Path, images_dir: Path, geometries: dict, errors:
 
 def read_split(list_path: Path, key: str, data_dir: Path, geometries: dict, errors: list[str]) -> list[dict]:
     """``[{"image": path, "seriesuid": uid}]`` of one split list; entry problems are appended to ``errors``."""
-    entries = hcls_common.read_json(list_path).get(key)
+    entries = read_json(list_path).get(key)
     if not isinstance(entries, list):
         raise ValueError(f"{list_path}: missing the list {key!r} of series")
     if not entries:
@@ -285,20 +282,28 @@ def load_data(trainer: dict, data_dir: Path) -> tuple[list[dict], list[dict]]:
 # ---------------------------------------------------------------- transforms
 
 
+def inference_preprocessing(trainer: dict) -> list[dict]:
+    """Load, RAS, resample to ``spacing``, HU window -> 0..1 (MONAI bundle config; see hcls.transform_config)."""
+    low, high = trainer["intensity_range"]
+    return [
+        {"_target_": "LoadImaged", "keys": "image", "image_only": True},
+        {"_target_": "EnsureChannelFirstd", "keys": "image"},
+        {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS", "labels": None},  # None: the MetaTensor's
+        {"_target_": "Spacingd", "keys": "image", "pixdim": trainer["spacing"], "mode": "bilinear"},
+        {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": low, "a_max": high, "b_min": 0.0,
+         "b_max": 1.0, "clip": True},
+    ]  # fmt: skip
+
+
 def detection_transforms(trainer: dict, train: bool) -> Compose:
-    """LUNA16 pipeline: load, RAS, resample to ``spacing``, HU window -> 0..1, world boxes -> voxel boxes.
+    """LUNA16 pipeline: the image pre-processing above, then world boxes -> voxel boxes.
 
     Training adds ``batch_size`` random ``patch_size`` crops per volume (``crop_pos_neg``: by default
     half of them hold a whole nodule, as in MONAI's tutorial) and flips / 90-degree rotations /
     intensity jitter.
     """
-    low, high = trainer["intensity_range"]
     transforms = [
-        LoadImaged(keys="image", image_only=True),
-        EnsureChannelFirstd(keys="image"),
-        Orientationd(keys="image", axcodes="RAS", labels=None),  # labels from the MetaTensor space (RAS)
-        Spacingd(keys="image", pixdim=trainer["spacing"], mode="bilinear"),
-        ScaleIntensityRanged(keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
+        *transform_config.instantiate(inference_preprocessing(trainer)),
         ConvertBoxToStandardModed(box_keys="box", mode="cccwhd"),
         # world (LPS mm) -> voxel index through the resampled image's RAS affine
         AffineBoxToImageCoordinated(box_keys="box", box_ref_image_keys="image", affine_lps_to_ras=True),
@@ -409,28 +414,14 @@ def autocast(device: torch.device, amp: bool):
 # ---------------------------------------------------------------- train / evaluate
 
 
-def train(
-    detector, loader, optimizer, scaler, epochs: int, device: torch.device, amp: bool, scheduler=None
-) -> tuple[float, int]:
-    """Train ``epochs`` epochs, one optimizer (and ``scheduler``) step per volume's patches; return mean loss, steps."""
-    detector.train()
-    total, steps = 0.0, 0
-    for _ in range(epochs):
-        for batch in loader:
-            samples = [s for item in batch for s in (item if isinstance(item, list) else [item])]
-            images = [s["image"].to(device) for s in samples]
-            targets = [{"box": s["box"].to(device), "label": s["label"].to(device)} for s in samples]
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, amp):
-                losses = detector(images, targets)
-                loss = losses[detector.cls_key] + losses[detector.box_reg_key]
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if scheduler is not None:
-                scheduler.step()
-            total, steps = total + loss.item(), steps + 1
-    return total / max(steps, 1), steps
+def patch_loss(detector, batch, device: torch.device, amp: bool) -> torch.Tensor:
+    """Classification + box regression loss of the detector on one volume's training patches."""
+    samples = [s for item in batch for s in (item if isinstance(item, list) else [item])]
+    images = [s["image"].to(device) for s in samples]
+    targets = [{"box": s["box"].to(device), "label": s["label"].to(device)} for s in samples]
+    with autocast(device, amp):
+        losses = detector(images, targets)
+        return losses[detector.cls_key] + losses[detector.box_reg_key]
 
 
 def predict(detector, loader, device: torch.device, val_patch_size, amp: bool) -> tuple[list, list, list]:
@@ -450,23 +441,20 @@ def predict(detector, loader, device: torch.device, val_patch_size, amp: bool) -
     return pred_boxes, pred_scores, gt_boxes
 
 
-def evaluate(detector, loader, device: torch.device, trainer: dict, amp: bool = False) -> dict:
-    """``{"val_froc": ...}`` of the detector on whole validation volumes."""
+def evaluate(detector, loader, device: torch.device, trainer: dict, key_metric: str, amp: bool = False) -> dict:
+    """``{key_metric: FROC score}`` of the detector on whole validation volumes."""
     pred_boxes, pred_scores, gt_boxes = predict(detector, loader, device, trainer["val_patch_size"], amp)
     score = froc.froc_score(pred_boxes, pred_scores, gt_boxes, trainer["froc_fps_per_scan"], IOU_THRESHOLD)
-    return {KEY_METRIC: score}
+    return {key_metric: score}
 
 
-# ---------------------------------------------------------------- entry point
+# ---------------------------------------------------------------- the trainer
 
 
-def load_config(config_path: Path) -> dict:
-    """The trainer config, with the settings this trainer depends on checked."""
-    trainer = hcls_common.load_trainer_config(config_path, REQUIRED_KEYS)
-    key_metric = hcls_common.key_metric(config_path)
-    if key_metric != KEY_METRIC:
-        server_config = hcls_common.server_config_path(config_path)
-        raise ValueError(f"{server_config}: key_metric must be {KEY_METRIC!r} for this trainer, got {key_metric!r}")
+def load_settings(job: JobConfig) -> dict:
+    """The job's trainer settings, with the ones this trainer depends on checked."""
+    trainer = job.trainer(REQUIRED_KEYS)
+    config_path = job.client_path
     losses = (("classification_loss", CLASSIFICATION_LOSSES), ("box_regression_loss", BOX_REGRESSION_LOSSES))
     for field, allowed in losses:
         if trainer[field] not in allowed:
@@ -481,36 +469,33 @@ def load_config(config_path: Path) -> dict:
     return trainer
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Lung nodule detection trainer (NVFlare Client API)")
-    parser.add_argument("--config", type=Path, required=True, help="job client config with a 'trainer' object")
-    config_path = parser.parse_args().config
-
-    trainer = load_config(config_path)
-    hcls_common.seed_everything(trainer["seed"])
-    train_records, val_records = load_data(trainer, hcls_common.site_dataset_dir(JOB_NAME))
+def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
+    trainer = load_settings(job)
+    train_records, val_records = load_data(trainer, site.dataset_dir(JOB_NAME))
     train_loader = make_loader(train_records, trainer, train=True)
     val_loader = make_loader(val_records, trainer, train=False)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = bool(trainer.get("amp", True)) and device.type == "cuda"
-    network = hcls_common.build_network_from_spec(hcls_common.network_spec(config_path))
-    detector = build_detector(network, trainer, config_path).to(device)
-    optimizer = hcls_common.build_optimizer(trainer, config_path, detector.network.parameters())
+    detector = build_detector(job.build_network(), trainer, job.client_path).to(device)
+    optimizer = build_optimizer(trainer, job.client_path, detector.network.parameters())
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     scheduler = lr_warmup(optimizer, trainer, steps_per_epoch=len(train_loader))
-
     n_nodules = sum(len(r["label"]) for r in train_records)
     print(f"{JOB_NAME}: {len(train_records)} training series ({n_nodules} nodules), device={device} amp={amp}")
-    hcls_common.run_federated(
-        JOB_NAME, KEY_METRIC, detector.network,
-        evaluate=lambda: evaluate(detector, val_loader, device, trainer, amp),
-        train=lambda: train(
-            detector, train_loader, optimizer, scaler, trainer["local_epochs"], device, amp, scheduler
-        ),
+
+    def train():
+        return train_epochs(
+            detector, train_loader, optimizer, lambda batch: patch_loss(detector, batch, device, amp),
+            trainer["local_epochs"], scaler=scaler, scheduler=scheduler,
+        )  # fmt: skip
+
+    return Trainer(
+        model=detector.network,
+        train=train,
+        evaluate=lambda: evaluate(detector, val_loader, device, trainer, job.key_metric, amp),
         n_train=len(train_records),
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":
-    main()
+    client_loop.main(JOB_NAME, build)

@@ -36,13 +36,14 @@ latest_kit_root() {
 }
 admin_kit() { echo "$(latest_kit_root)/$(admin_name)"; }
 
-all_jobs() { ls "$REPO/job_configs"; }
+# Jobs are the job_configs/<job>/ folders with a job.json overlay (job_configs/base/ is what they share).
+all_jobs() { local f; for f in "$REPO"/job_configs/*/job.json; do basename "$(dirname "$f")"; done; }
 
 # job_configs/<JOB> for a job name, or JOB itself when it is a ready NVFlare job folder.
 job_source() {
   local job=$1
   [[ -n $job ]] || die "JOB is not set (jobs: $(all_jobs | tr '\n' ' '))"
   if [[ -f $job/meta.json ]]; then echo "$job"; return; fi
-  [[ -d $REPO/job_configs/$job ]] || die "unknown JOB '$job' (jobs: $(all_jobs | tr '\n' ' '))"
+  [[ $job =~ ^[a-z0-9_]+$ && -f $REPO/job_configs/$job/job.json ]] || die "unknown JOB '$job' (jobs: $(all_jobs | tr '\n' ' '))"
   echo "$REPO/job_configs/$job"
 }

@@ -13,7 +13,7 @@ generate() {  # generate JOB SITE SEED OUT
   case $job in
     cxr_classification)
       python -m datagen.cxr --out "$out" --n-train "$CXR_N_TRAIN" --n-val "$CXR_N_VAL" --size "$CXR_SIZE" --seed "$seed" \
-        --site-prefix "$(tr a-z A-Z <<<"${site##*_}")" --labels-from "$REPO/job_configs/$job/config_fed_client.json" ;;
+        --site-prefix "$(tr a-z A-Z <<<"${site##*_}")" ;;
     ct_segmentation)
       python -m datagen.ct --out "$out" --n-train "$CT_N_TRAIN" --n-val "$CT_N_VAL" --size "$CT_SIZE" --seed "$seed" ;;
     lung_nodule_detection)

@@ -1,4 +1,5 @@
-"""Every committed configuration is valid and carries the documented production values."""
+"""Every job, built with every profile, is a complete NVFlare job with the documented production values;
+the layered configuration merges as documented (custom/ops/job_builder.py); each fact has one source."""
 
 import importlib
 import json
@@ -13,8 +14,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "custom"))
 
-from hcls_common import build_network_from_spec as build_network  # noqa: E402
-from ops.flare_admin import network_spec  # noqa: E402
+from hcls.job_config import JobConfig  # noqa: E402
+from ops import job_builder  # noqa: E402
 
 JOBS = {
     # job: (network class, optimizer, loss, key metric, rounds, GPU GiB per site, parameters in millions)
@@ -22,7 +23,9 @@ JOBS = {
     "ct_segmentation": ("SegResNet", "AdamW", "DiceCELoss", "val_mean_dice", 100, 32, 18.8),
     "lung_nodule_detection": ("NoduleRetinaNet", "SGD", "focal", "val_froc", 80, 32, 20.9),
 }
-SITES = ["hospital_a", "hospital_b"]
+PROJECT = yaml.safe_load((REPO / "provision" / "project.yml").read_text())
+SITES = [p["name"] for p in PROJECT["participants"] if p["type"] == "client"]
+PROFILES = sorted((p.parents[1].name, p.stem) for p in (REPO / "job_configs").glob("*/profiles/*.json"))
 
 
 def load(path: Path):
@@ -33,6 +36,19 @@ def component(config: dict, comp_id: str) -> dict:
     return next(c for c in config["components"] if c["id"] == comp_id)
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Build a job folder once per (job, profile); returns its path."""
+    root, cache = tmp_path_factory.mktemp("jobs"), {}
+
+    def build(job: str, profile: str = "") -> Path:
+        if (job, profile) not in cache:
+            cache[job, profile] = job_builder.write_job(job_builder.resolve(job, profile), root / f"{job}-{profile}")
+        return cache[job, profile]
+
+    return build
+
+
 def test_every_json_file_parses():
     files = [p for d in ("job_configs", "site_configs") for p in (REPO / d).rglob("*.json")]
     assert len(files) >= 12
@@ -40,129 +56,224 @@ def test_every_json_file_parses():
         assert isinstance(load(path), dict), path
 
 
-def test_job_folders_are_complete():
-    assert sorted(p.name for p in (REPO / "job_configs").iterdir()) == sorted(JOBS)
-    for job in JOBS:
-        for name in ("meta.json", "config_fed_server.json", "config_fed_client.json"):
-            assert (REPO / "job_configs" / job / name).is_file()
+def test_the_jobs_are_the_job_configs_with_a_job_json():
+    assert sorted(p.parent.name for p in (REPO / "job_configs").glob("*/job.json")) == sorted(JOBS)
+
+
+@pytest.mark.parametrize("job,profile", [(job, "") for job in JOBS] + PROFILES, ids=str)
+def test_every_job_and_profile_builds_a_complete_nvflare_job(built, job, profile):
+    folder = built(job, profile)
+    meta = load(folder / "meta.json")
+    assert meta["name"] == job and meta["deploy_map"] == {"app": ["@ALL"]} and meta["scope"]
+    config = JobConfig.from_job_folder(folder)
+    assert config.config_dir == folder / "app" / "config"
+    assert config.server["format_version"] == config.client["format_version"] == 2
+    custom = folder / "app" / "custom"
+    assert (custom / config.client["app_script"]).is_file()
+    assert (custom / "hcls" / "client_loop.py").is_file()
+    assert not {"site_privacy", "datagen", "ops"} & {p.name for p in custom.iterdir()}  # site code never travels
+    for item in config.server.get("workflows", []) + config.server["components"] + config.client["components"]:
+        module, _, cls = item["path"].rpartition(".")
+        sys.path.insert(0, str(custom))
+        try:
+            assert hasattr(importlib.import_module(module), cls), item["path"]
+        finally:
+            sys.path.remove(str(custom))
+    text = json.dumps([config.server, config.client])
+    assert '"remove": true' not in text
 
 
 @pytest.mark.parametrize("job", JOBS)
-def test_meta(job):
-    meta = load(REPO / "job_configs" / job / "meta.json")
+def test_production_meta_follows_the_sites_of_project_yml(built, job):
+    meta = load(built(job) / "meta.json")
     gpu_gib = JOBS[job][5]
-    assert meta["name"] == job
-    assert meta["min_clients"] == 2
-    assert meta["deploy_map"] == {"app": ["@ALL"]}
+    assert meta["min_clients"] == len(SITES)
     assert meta["resource_spec"] == {s: {"num_of_gpus": 1, "mem_per_gpu_in_GiB": gpu_gib} for s in SITES}
+    assert load(built(job, "demo") / "meta.json")["resource_spec"] == {}
 
 
 @pytest.mark.parametrize("job", JOBS)
-def test_server_config(job):
+def test_production_server_config(built, job):
     net_cls, _, _, key_metric, rounds, _, _ = JOBS[job]
-    server = load(REPO / "job_configs" / job / "config_fed_server.json")
-    assert server["format_version"] == 2
-    assert server["num_rounds"] == rounds
-    assert server["key_metric"] == key_metric
+    config = JobConfig.from_job_folder(built(job))
+    server = config.server
+    assert config.num_rounds == rounds and config.key_metric == key_metric
+    assert server["min_clients"] == len(SITES)
     fedavg, cse = server["workflows"]
     assert fedavg["path"].endswith("ScatterAndGather")
-    assert fedavg["args"]["min_clients"] == 2 and fedavg["args"]["num_rounds"] == "{num_rounds}"
+    assert fedavg["args"]["min_clients"] == "{min_clients}" and fedavg["args"]["num_rounds"] == "{num_rounds}"
     assert cse["path"].endswith("CrossSiteModelEval")
     assert component(server, "aggregator")["path"].endswith("InTimeAccumulateWeightedAggregator")
     assert component(server, "persistor")["path"].endswith("PTFileModelPersistor")
     assert component(server, "model_selector")["args"]["key_metric"] == "{key_metric}"
     assert component(server, "tensorboard")["path"].endswith("TBAnalyticsReceiver")
-    assert network_spec(str(REPO / "job_configs" / job))["path"].endswith(net_cls)
+    assert config.network["path"].endswith(net_cls)
 
 
 @pytest.mark.parametrize("job", JOBS)
-def test_client_config(job):
+def test_production_client_config(built, job):
     _, optimizer, loss, _, _, _, _ = JOBS[job]
-    client = load(REPO / "job_configs" / job / "config_fed_client.json")
-    executor = client["executors"][0]
+    config = JobConfig.from_job_folder(built(job))
+    executor = config.client["executors"][0]
     assert set(executor["tasks"]) == {"train", "validate", "submit_model"}
-    args = executor["executor"]["args"]
-    assert args["train_with_evaluation"] is True
-    assert (REPO / "custom" / client["app_script"]).name.endswith(".py")
-    trainer = client["trainer"]
+    assert executor["executor"]["args"]["train_with_evaluation"] is True
+    assert config.client["app_script"] == f"{job}.py"
+    trainer = config.trainer()
     assert trainer["optimizer"]["name"] == optimizer
-    trainer_loss = trainer.get("loss", {}).get("name") or trainer.get("classification_loss")
-    assert trainer_loss == loss
+    assert (trainer.get("loss", {}).get("name") or trainer.get("classification_loss")) == loss
 
 
 @pytest.mark.parametrize("job", JOBS)
-def test_every_class_path_imports(job):
-    for name in ("config_fed_server.json", "config_fed_client.json"):
-        config = load(REPO / "job_configs" / job / name)
-        items = config.get("workflows", []) + config["components"] + [e["executor"] for e in config.get("executors", [])]
-        for item in items:
-            module, _, cls = item["path"].rpartition(".")
-            assert hasattr(importlib.import_module(module), cls), item["path"]
-
-
-@pytest.mark.parametrize("job", JOBS)
-def test_network_is_the_documented_one(job):
-    net = build_network(network_spec(str(REPO / "job_configs" / job)))
-    params_m = sum(p.numel() for p in net.parameters()) / 1e6
+def test_network_is_the_documented_one(built, job):
+    sys.path.insert(0, str(REPO / "custom"))
+    net = JobConfig.from_job_folder(built(job)).build_network()
     assert type(net).__name__ == JOBS[job][0]
-    assert params_m == pytest.approx(JOBS[job][6], abs=0.05)
+    assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(JOBS[job][6], abs=0.05)
 
 
-def test_ct_network_matches_the_imaging_agent_contract():
-    spec = network_spec(str(REPO / "job_configs" / "ct_segmentation"))
-    assert spec["args"] == {
+def test_ct_network_matches_the_imaging_agent_contract(built):
+    assert JobConfig.from_job_folder(built("ct_segmentation")).network["args"] == {
         "spatial_dims": 3, "in_channels": 1, "out_channels": 14, "init_filters": 32,
         "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1],
     }  # fmt: skip
 
 
-def test_cxr_network_has_18_labels():
-    spec = network_spec(str(REPO / "job_configs" / "cxr_classification"))
-    client = load(REPO / "job_configs" / "cxr_classification" / "config_fed_client.json")
-    assert spec["args"]["out_channels"] == len(client["trainer"]["labels"]) == 18
+def test_cxr_network_has_18_labels(built):
+    config = JobConfig.from_job_folder(built("cxr_classification"))
+    assert config.network["args"]["out_channels"] == len(config.trainer()["labels"]) == 18
 
 
-def test_nodule_anchors_match_the_network():
-    spec = network_spec(str(REPO / "job_configs" / "lung_nodule_detection"))
-    trainer = load(REPO / "job_configs" / "lung_nodule_detection" / "config_fed_client.json")["trainer"]
-    assert spec["args"]["num_anchors"] == len(trainer["anchors"]["base_anchor_shapes"])
+def test_nodule_anchors_match_the_network(built):
+    config = JobConfig.from_job_folder(built("lung_nodule_detection"))
+    assert config.network["args"]["num_anchors"] == len(config.trainer()["anchors"]["base_anchor_shapes"])
 
 
-@pytest.mark.parametrize("profile", sorted((REPO / "job_configs").glob("*/profiles/*.json")), ids=str)
-def test_profiles_keep_the_architecture(profile):
-    overlay = load(profile)
-    assert set(overlay) <= {"meta", "server", "client"}
-    if "components" in overlay.get("server", {}):  # a variant (he.json) may swap components, never the network
-        base = load(profile.parents[1] / "config_fed_server.json")
-        model = component(overlay["server"], "persistor")["args"]["model"]
-        if profile.name == "dp.json":  # the DP variant swaps only batch norm and in-place activations (Opacus)
-            model = {**model, "args": {k: v for k, v in model["args"].items() if k not in ("norm", "act")}}
-        assert model == component(base, "persistor")["args"]["model"]
-    assert "network" not in overlay.get("client", {}).get("trainer", {})
+@pytest.mark.parametrize("job,profile", PROFILES, ids=str)
+def test_profiles_keep_the_architecture(built, job, profile):
+    network = JobConfig.from_job_folder(built(job, profile)).network
+    production = JobConfig.from_job_folder(built(job)).network
+    if profile == "dp":  # the DP variant swaps only batch norm and in-place activations (Opacus)
+        assert network["args"].pop("norm") == ["group", {"num_groups": 32}]
+        assert network["args"].pop("act") == ["relu", {"inplace": False}]
+    assert network == production
+
+
+def test_demo_profile_changes_only_what_it_names(built):
+    demo = JobConfig.from_job_folder(built("cxr_classification", "demo"))
+    production = JobConfig.from_job_folder(built("cxr_classification"))
+    assert demo.num_rounds == 5 and demo.trainer()["optimizer"] == {"name": "Adam", "args": {"lr": 0.001}}
+    changed = {k for k in production.trainer() if demo.trainer()[k] != production.trainer()[k]}
+    assert changed == {"image_size", "optimizer", "batch_size", "num_workers"}
+    assert demo.server["components"] == production.server["components"]
 
 
 @pytest.mark.parametrize("job", JOBS)
-def test_sparse_updates_are_wired_and_off_by_default(job):
-    client = load(REPO / "job_configs" / job / "config_fed_client.json")
-    server = load(REPO / "job_configs" / job / "config_fed_server.json")
-    assert client["sparse_update"] == {"enabled": False, "top_k_percent": 10}
-    assert client["task_result_filters"] == [
-        {"tasks": ["train"], "filters": [{"path": "sparse_update.SparseUpdateEncoder", "args": {}}]}
-    ]
-    assert server["task_result_filters"] == [
-        {"tasks": ["train"], "filters": [{"path": "sparse_update.SparseUpdateDecoder", "args": {}}]}
-    ]
+def test_sparse_updates_are_wired_and_off_by_default(built, job):
+    config = JobConfig.from_job_folder(built(job))
+    assert config.client["sparse_update"] == {"enabled": False, "top_k_percent": 10}
+    for side, filter_class in ((config.client, "SparseUpdateEncoder"), (config.server, "SparseUpdateDecoder")):
+        (chain,) = side["task_result_filters"]
+        assert chain["tasks"] == ["train"] and chain["filters"] == [{"path": f"sparse_update.{filter_class}", "args": {}}]
 
 
-def test_he_profile_uses_nvflare_he_components():
-    he = load(REPO / "job_configs" / "cxr_classification" / "profiles" / "he.json")
-    chains = he["client"]["task_data_filters"] + he["client"]["task_result_filters"]
-    paths = [c["path"] for c in he["server"]["components"]] + [f["path"] for c in chains for f in c["filters"]]
+def test_he_profile_uses_nvflare_he_components(built):
+    he = JobConfig.from_job_folder(built("cxr_classification", "he"))
+    chains = he.client["task_data_filters"] + he.client["task_result_filters"]
+    paths = [c["path"] for c in he.server["components"]] + [f["path"] for c in chains for f in c["filters"]]
     for name in ("HEModelSerializeFilter", "HEModelShareableGenerator", "HEInTimeAccumulateWeightedAggregator",
                  "HEModelDecryptor", "HEModelEncryptor"):  # fmt: skip
         assert any(p.startswith("nvflare.app_opt.he.") and p.endswith(name) for p in paths), name
-    assert component(he["server"], "persistor")["args"]["filter_id"] == "serialize_filter"
-    assert he["server"]["task_result_filters"] == [] and he["client"]["sparse_update"]["enabled"] is False
+    assert component(he.server, "persistor")["args"]["filter_id"] == "serialize_filter"
+    assert component(he.server, "aggregator")["args"] == {"expected_data_kind": "WEIGHT_DIFF", "weigh_by_local_iter": False}
+    assert he.server["task_result_filters"] == [] and he.client["sparse_update"]["enabled"] is False
+    assert not any("sparse_update" in f["path"] for c in chains for f in c["filters"])
+    assert [w["id"] for w in he.server["workflows"]] == ["fedavg"]  # TenSEAL cannot cross-validate ciphertexts
+    assert {"model_locator", "cross_site_results"}.isdisjoint(c["id"] for c in he.server["components"])
+
+
+# ---------------------------------------------------------------- how layers merge
+
+
+def test_merge_by_id_null_and_remove():
+    base = {"components": [{"id": "a", "path": "x.A", "args": {"k": 1, "j": 2}}, {"id": "b", "path": "x.B"}],
+            "keep": {"x": 1, "y": 2}, "list": [1, 2]}  # fmt: skip
+    overlay = {"components": [{"id": "a", "args": {"k": 3}}, {"id": "b", "remove": True}, {"id": "c", "path": "x.C"}],
+               "keep": {"y": None}, "list": [3]}  # fmt: skip
+    assert job_builder.merge(base, overlay, "layer") == {
+        "components": [{"id": "a", "path": "x.A", "args": {"k": 3, "j": 2}}, {"id": "c", "path": "x.C"}],
+        "keep": {"x": 1}, "list": [3],
+    }  # fmt: skip
+    with pytest.raises(job_builder.BuildError, match=r"layer.components\[id=z\]: cannot remove it, no such id"):
+        job_builder.merge(base, {"components": [{"id": "z", "remove": True}]}, "layer")
+
+
+def test_bad_layers_are_named(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"server": {"num_rounds": 3,}}')
+    with pytest.raises(job_builder.BuildError, match=rf"{re.escape(str(bad))}: invalid JSON"):
+        job_builder.resolve("cxr_classification", str(bad))
+    bad.write_text('{"servers": {}}')
+    with pytest.raises(job_builder.BuildError, match=rf"{re.escape(str(bad))}: expected an object with keys among"):
+        job_builder.resolve("cxr_classification", str(bad))
+    bad.write_text('{"server": {"workflows": [{"id": "fedavgg", "remove": true}]}}')
+    with pytest.raises(job_builder.BuildError, match=r"server.workflows\[id=fedavgg\]: cannot remove it"):
+        job_builder.resolve("cxr_classification", str(bad))
+    with pytest.raises(job_builder.BuildError, match="no profile 'nope' for cxr_classification .* profiles: demo, dp, he"):
+        job_builder.resolve("cxr_classification", "nope")
+    with pytest.raises(job_builder.BuildError, match="unknown JOB 'cxr'"):
+        job_builder.resolve("cxr")
+
+
+def test_build_job_script_prints_the_folder(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HCLS_WORKSPACE": str(tmp_path)}
+    out = subprocess.run([REPO / "scripts" / "build_job.sh", "ct_segmentation", "demo"], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()  # fmt: skip
+    assert out == str(tmp_path / "jobs" / "ct_segmentation")
+    assert JobConfig.from_job_folder(Path(out)).num_rounds == 5
+    bad = subprocess.run([REPO / "scripts" / "build_job.sh", "ct_segmentation", "nope"], env=env, capture_output=True,
+                         text=True)  # fmt: skip
+    assert bad.returncode == 1 and "error: no profile 'nope' for ct_segmentation" in bad.stderr
+
+
+# ---------------------------------------------------------------- one source for each fact
+
+
+def tracked_sources() -> list[Path]:
+    """Committed and new files that configure or run the federation (not tests, not prose)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    return [REPO / f for f in listed if not f.startswith("tests/") and not f.endswith(".md") and (REPO / f).is_file()]
+
+
+def files_containing(pattern: str) -> list[str]:
+    regex = re.compile(pattern)
+    return sorted(str(p.relative_to(REPO)) for p in tracked_sources() if regex.search(p.read_text(errors="replace")))
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_key_metric_network_and_rounds_have_one_source(job):
+    _, _, _, key_metric, rounds, _, _ = JOBS[job]
+    source = [f"job_configs/{job}/job.json"]
+    assert files_containing(rf'"{key_metric}"') == source
+    assert files_containing(rf'"num_rounds":\s*{rounds}\b') == source
+    network = job_builder.resolve(job)["server"]["components"][0]["args"]["model"]
+    assert files_containing(re.escape(f'"{network["path"]}"')) == source
+    for arg, value in network["args"].items():  # the value of every network argument, as JSON (lists on one line)
+        holders = files_containing(rf'"{arg}":\s*' + re.escape(json.dumps(value)))
+        assert source[0] in holders and all(f.startswith("job_configs/") for f in holders), (arg, holders)
+
+
+def test_ports_and_site_names_have_one_source():
+    server = next(p for p in PROJECT["participants"] if p["type"] == "server")
+    for port in (server["fed_learn_port"], server["admin_port"]):
+        assert files_containing(rf"\b{port}\b") == ["provision/project.yml"], port
+    for site in SITES:
+        # project.yml lists the sites; the production inventory is an example that operators edit host by host
+        assert set(files_containing(rf"\b{site}\b")) <= {"provision/project.yml",
+                                                         "ansible/inventories/production/hosts.yml"}, site  # fmt: skip
+
+
+# ---------------------------------------------------------------- federation and sites
 
 
 def test_no_shipped_config_weakens_mutual_tls():
@@ -172,29 +283,28 @@ def test_no_shipped_config_weakens_mutual_tls():
     for path in shipped:
         for mode in re.findall(r"connection_security\W+(\w+)", path.read_text()):
             assert mode == "mtls", f"{path}: connection_security {mode}"
-    project = yaml.safe_load((REPO / "provision" / "project.yml").read_text())
-    assert all("connection_security" not in p for p in project["participants"])  # nvflare's default: mtls
+    assert all("connection_security" not in p for p in PROJECT["participants"])  # nvflare's default: mtls
 
 
 def test_project_yml():
-    project = yaml.safe_load((REPO / "provision" / "project.yml").read_text())
     by_type = {}
-    for p in project["participants"]:
+    for p in PROJECT["participants"]:
         by_type.setdefault(p["type"], []).append(p)
     (server,) = by_type["server"]
     assert server["fed_learn_port"] == 8003 and server["admin_port"] == 8103
-    assert sorted(c["name"] for c in by_type["client"]) == SITES
+    assert len(SITES) >= 2
     assert {a["role"] for a in by_type["admin"]} == {"project_admin", "org_admin", "lead"}
     for admin in by_type["admin"]:
         user, _, domain = admin["name"].partition("@")
         assert user and "." in domain, admin["name"]
-    static = next(b for b in project["builders"] if b["path"].endswith("StaticFileBuilder"))
+    static = next(b for b in PROJECT["builders"] if b["path"].endswith("StaticFileBuilder"))
     assert static["args"]["scheme"] == "grpc"
-    assert any(b["path"].endswith("CertBuilder") for b in project["builders"])
+    assert any(b["path"].endswith("CertBuilder") for b in PROJECT["builders"])
 
 
-def test_site_configs():
+def test_every_site_of_project_yml_has_a_site_config():
     assert (REPO / "site_configs" / "server" / "local_config.json").is_file()
+    assert sorted(p.name for p in (REPO / "site_configs").glob("site_*")) == sorted(f"site_{s}" for s in SITES)
     for site in SITES:
         config = load(REPO / "site_configs" / f"site_{site}" / "local_config.json")
         assert set(config["datasets"]) == set(JOBS)

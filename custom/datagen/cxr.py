@@ -17,7 +17,7 @@ never load and a site's privacy policy blocks.
 
 The same arguments give byte-identical CSVs and identical images.
 
-    python custom/datagen/cxr.py --out DIR --n-train 160 --n-val 60 --seed 1 --site-prefix A
+    python -m datagen.cxr --out DIR   (from custom/) --n-train 160 --n-val 60 --seed 1 --site-prefix A
 """
 
 import argparse
@@ -28,11 +28,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-DEFAULT_LABELS = [
-    "Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema",
-    "Fibrosis", "Effusion", "Pneumonia", "Pleural_Thickening", "Cardiomegaly", "Nodule",
-    "Mass", "Hernia", "Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum",
-]  # fmt: skip
+from ops import job_builder
+
+DEFAULT_LABELS = job_builder.resolve("cxr_classification")["client"]["trainer"]["labels"]  # the job's outputs
 EXTRA_COLUMNS = ["Sex", "Age", "Frontal/Lateral", "AP/PA"]
 IDENTIFIER_COLUMNS = ["PatientName", "PatientID", "PatientBirthDate"]
 LAST_NAMES = ["Smith", "Garcia", "Mueller", "Rossi", "Nguyen", "Kowalski", "Okafor", "Tanaka", "Silva", "Novak",
@@ -151,7 +149,7 @@ def generate(out: Path, n_train: int, n_val: int, seed: int, size: int = 128,
 
 
 def labels_from(config_path: Path) -> list[str]:
-    """The ``trainer.labels`` list of a job's client config."""
+    """The ``trainer.labels`` list of a job's client config (e.g. ``app/config/config_fed_client.json`` of a built job)."""
     return json.loads(config_path.read_text())["trainer"]["labels"]
 
 

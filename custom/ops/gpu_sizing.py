@@ -1,10 +1,10 @@
 """GPU sizing: one production-profile training step of each job, with its peak GPU memory.
 
-Checks the GPU memory that each job's meta.json asks of a site (resource_spec
-mem_per_gpu_in_GiB). Each job runs its own trainer's data path, network, loss and
-optimizer exactly as job_configs/<job>/ configure them (production profile), on data
-from the project's generators at a size that fills the production crops, for one
-optimizer step of one production batch:
+Checks the GPU memory that each job's meta.json asks of a site (resource_spec mem_per_gpu_in_GiB). Each
+job is built from job_configs/ as `make submit` builds it (production profile), trimmed to one batch, and
+runs through its trainer's own ``build(job, site, device)`` interface (data path, network, loss,
+optimizer) on data from the project's generators at a size that fills the production crops, for one
+round of one optimizer step:
 
     python -m ops.gpu_sizing --out gpu_sizing.json      (custom/ on PYTHONPATH; needs CUDA)
 """
@@ -12,8 +12,6 @@ optimizer step of one production batch:
 import argparse
 import importlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,8 +19,11 @@ import time
 from pathlib import Path
 
 import torch
+from monai.utils import set_determinism
 
-import hcls_common
+from hcls.job_config import JobConfig
+from hcls.site_config import SiteConfig
+from ops import job_builder
 
 REPO = Path(__file__).resolve().parents[2]
 # job -> (generator module, generator arguments filling the production crop sizes)
@@ -36,61 +37,39 @@ GENERATORS = {
 }
 
 
-def prepare_app(job: str, work: Path) -> Path:
-    """A job app folder (config/) with the production configs, trimmed to one batch."""
-    config_dir = work / job / "app" / "config"
-    config_dir.mkdir(parents=True)
-    for name in ("config_fed_server.json", "config_fed_client.json"):
-        shutil.copy(REPO / "job_configs" / job / name, config_dir / name)
-    client_path = config_dir / "config_fed_client.json"
-    client = json.loads(client_path.read_text())
-    client["trainer"].update(max_train_samples=client["trainer"]["batch_size"], max_val_samples=1, local_epochs=1)
-    client_path.write_text(json.dumps(client))
-    return client_path
+def prepare_job(job: str, work: Path) -> tuple[JobConfig, dict]:
+    """The production job folder, its trainer trimmed to one batch of one local epoch; and its meta.json."""
+    config = job_builder.resolve(job)
+    trainer = config["client"]["trainer"]
+    trainer.update(max_train_samples=trainer["batch_size"], max_val_samples=1, local_epochs=1)
+    folder = job_builder.write_job(config, work / job)
+    return JobConfig.from_job_folder(folder), config["meta"]
 
 
-def prepare_site(job: str, work: Path, seed: int = 1) -> None:
+def prepare_site(job: str, work: Path, seed: int = 1) -> SiteConfig:
     module, args = GENERATORS[job]
     data_root = work / "data"
     command = [sys.executable, "-m", module, "--out", str(data_root / job), "--seed", str(seed), *args]
     subprocess.run(command, check=True, cwd=REPO / "custom")
-    site = {"site_name": "gpu_sizing", "data_root": str(data_root), "datasets": {job: job}}
+    site = {"site_name": "gpu_sizing", "data_root": str(data_root), "datasets": {job: job}, "privacy": {}}
     (work / "site_config.json").write_text(json.dumps(site))
-    os.environ[hcls_common.SITE_CONFIG_ENV] = str(work / "site_config.json")
+    return SiteConfig(work / "site_config.json")
 
 
-def one_step(job: str, config_path: Path, device: torch.device) -> dict:
-    trainer_module = importlib.import_module(job)
-    trainer = trainer_module.load_config(config_path)
-    train_records, _ = trainer_module.load_data(trainer, hcls_common.site_dataset_dir(job))
-    loader = trainer_module.make_loader(train_records, trainer, train=True)
-    network = hcls_common.build_network_from_spec(hcls_common.network_spec(config_path))
-
+def one_step(job: str, job_config: JobConfig, site: SiteConfig, meta: dict, device: torch.device) -> dict:
+    set_determinism(seed=0)
     cuda = device.type == "cuda"
+    trainer = importlib.import_module(job).build(job_config, site, device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     started = time.time()
-    if job == "lung_nodule_detection":
-        detector = trainer_module.build_detector(network, trainer, config_path).to(device)
-        optimizer = hcls_common.build_optimizer(trainer, config_path, detector.network.parameters())
-        amp = bool(trainer.get("amp", True))
-        scaler = torch.amp.GradScaler("cuda", enabled=amp)
-        loss, steps = trainer_module.train(detector, loader, optimizer, scaler, 1, device, amp)
-    else:
-        model = network.to(device)
-        optimizer = hcls_common.build_optimizer(trainer, config_path, model.parameters())
-        if job == "cxr_classification":
-            loss_fn = hcls_common.build_loss(trainer, config_path, reduction="none")
-        else:
-            loss_fn = trainer_module.build_loss(trainer, config_path)
-        loss, steps = trainer_module.train(model, loader, optimizer, loss_fn, 1, device)
+    loss, steps = trainer.train()
     if cuda:
         torch.cuda.synchronize(device)
-    meta = json.loads((REPO / "job_configs" / job / "meta.json").read_text())
-    requested = max(spec["mem_per_gpu_in_GiB"] for spec in meta["resource_spec"].values())
+    requested = max((spec["mem_per_gpu_in_GiB"] for spec in meta["resource_spec"].values()), default=None)
     return {
         "job": job,
-        "batch_size": trainer["batch_size"],
+        "batch_size": job_config.trainer()["batch_size"],
         "steps": steps,
         "loss": round(float(loss), 4),
         "seconds": round(time.time() - started, 1),
@@ -98,8 +77,6 @@ def one_step(job: str, config_path: Path, device: torch.device) -> dict:
         "peak_reserved_GiB": round(torch.cuda.max_memory_reserved(device) / 2**30, 2) if cuda else None,
         "meta_json_GiB": requested,
     }
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
@@ -115,9 +92,8 @@ def main(argv=None) -> int:
     for job in args.jobs:
         with tempfile.TemporaryDirectory(prefix=f"sizing-{job}-") as tmp:
             work = Path(tmp)
-            config_path = prepare_app(job, work)
-            prepare_site(job, work)
-            result = one_step(job, config_path, device)
+            job_config, meta = prepare_job(job, work)
+            result = one_step(job, job_config, prepare_site(job, work), meta, device)
         results["jobs"].append(result)
         print(json.dumps(result), flush=True)
         if device.type == "cuda":

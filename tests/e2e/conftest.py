@@ -9,9 +9,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-PORTS = (8003, 8103)
+SERVER = next(p for p in yaml.safe_load((REPO / "provision" / "project.yml").read_text())["participants"]
+              if p["type"] == "server")  # fmt: skip
+PORTS = (SERVER["fed_learn_port"], SERVER["admin_port"])
 TINY_DATA = json.loads((REPO / "tests" / "tiny_data.json").read_text())  # generator sizes (scripts/generate_data.sh)
 
 

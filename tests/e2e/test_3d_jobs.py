@@ -11,13 +11,13 @@ from monai.networks.nets import SegResNet
 from conftest import REPO, submit_and_fetch
 
 CT_TINY = {
-    "meta": {"resource_spec": {}},
+    "site_resources": None,
     "server": {"num_rounds": 2},
     "client": {"trainer": {"pixdim": [2.0, 2.0, 2.5], "roi_size": [16, 16, 16], "num_samples": 1, "batch_size": 1,
                            "num_workers": 0, "sliding_window": {"sw_batch_size": 1, "overlap": 0.25}}},
 }  # fmt: skip
 NODULE_TINY = {
-    "meta": {"resource_spec": {}},
+    "site_resources": None,
     "server": {"num_rounds": 2},
     "client": {"trainer": {"spacing": [1.4, 1.4, 2.5], "patch_size": [32, 32, 16], "val_patch_size": [48, 48, 16],
                            "batch_size": 1, "num_workers": 0, "inference": {"detections_per_img": 20}}},
@@ -56,8 +56,9 @@ def test_lung_nodule_model_loads_into_the_configured_network(deployed, env, tmp_
 
     sys.path.insert(0, str(REPO / "custom"))
     from nodule_retinanet import NoduleRetinaNet
+    from ops import job_builder
 
-    server = json.loads((REPO / "job_configs" / "lung_nodule_detection" / "config_fed_server.json").read_text())
+    server = job_builder.resolve("lung_nodule_detection")["server"]
     args = next(c for c in server["components"] if c["id"] == "persistor")["args"]["model"]["args"]
     model = NoduleRetinaNet(**args)
     model.load_state_dict(torch.load(models / "best_model.pt")); model.eval()  # fmt: skip

@@ -27,7 +27,7 @@ def he_profile() -> dict:
     for component in profile["server"]["components"]:
         if component["id"] == "persistor":
             component["args"]["model"] = {"path": "monai.networks.nets.DenseNet", "args": TINY_NET}
-    profile["meta"] = {"resource_spec": {}}
+    profile["site_resources"] = None
     profile["server"]["num_rounds"] = 2
     profile["client"]["trainer"] = {"image_size": [32, 32], "batch_size": 8, "num_workers": 0,
                                     "optimizer": {"name": "Adam", "args": {"lr": 0.001}}}  # fmt: skip

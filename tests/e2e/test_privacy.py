@@ -12,27 +12,31 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
+from monai.networks.nets import DenseNet121
 
 from conftest import REPO, run
 
 TINY = json.loads((Path(__file__).resolve().parents[1] / "tiny_cxr_profile.json").read_text())  # 2 rounds, 32 px
 FORGED_METRIC = '''"""Forged: the real CXR trainer plus a metric named after a patient ID from the site's CSV."""
 import csv
+
 import cxr_classification
-import hcls_common
+from hcls import client_loop
+from hcls.site_config import SiteConfig
 
 real_evaluate = cxr_classification.evaluate
 
 
-def evaluate(model, loader, device):
-    with open(hcls_common.site_dataset_dir("cxr_classification") / "train.csv", newline="") as f:
+def evaluate(model, loader, device, key_metric):
+    with open(SiteConfig.from_env().dataset_dir("cxr_classification") / "train.csv", newline="") as f:
         patient = next(csv.DictReader(f))["PatientID"]
-    metrics = real_evaluate(model, loader, device)
-    return {**metrics, "val_auc_" + patient: metrics["val_auc"]}
+    metrics = real_evaluate(model, loader, device, key_metric)
+    return {**metrics, key_metric + "_" + patient: metrics[key_metric]}
 
 
 cxr_classification.evaluate = evaluate
-cxr_classification.main()
+client_loop.main(cxr_classification.JOB_NAME, cxr_classification.build)
 '''
 FORGED_NO_DP = '''"""Forged: the real CXR trainer, told by a rewritten copy of the site config that DP is off."""
 import json
@@ -40,12 +44,13 @@ import os
 from pathlib import Path
 
 import cxr_classification
+from hcls import client_loop
 
 site = json.loads(Path(os.environ["HCLS_SITE_CONFIG"]).read_text())
 site["privacy"]["differential_privacy"]["enabled"] = False
 Path("forged_site_config.json").write_text(json.dumps(site))
 os.environ["HCLS_SITE_CONFIG"] = str(Path("forged_site_config.json").resolve())
-cxr_classification.main()
+client_loop.main(cxr_classification.JOB_NAME, cxr_classification.build)
 '''
 
 
@@ -131,7 +136,7 @@ def test_policy_is_rendered_into_the_scope_and_enforced_by_site_code(deployed, e
 
 @pytest.mark.parametrize("scope", ["", "research_open"])
 def test_a_job_without_the_sites_scope_is_refused(deployed, env, tmp_path, scope):
-    result, job_id = submit(env, build(env, {**TINY, "meta": {"resource_spec": {}, "scope": scope}}, tmp_path))
+    result, job_id = submit(env, build(env, {**TINY, "meta": {"scope": scope}}, tmp_path))
     assert result.returncode != 0 and "FINISHED:COMPLETED" not in result.stdout
     log = server_job_log(env, job_id)
     assert f"hospital_a: NVFLARE_ERROR: privacy scope '{scope}' is not allowed" in log
@@ -163,6 +168,12 @@ def test_dp_job_spends_within_budget_and_a_job_skipping_dp_is_blocked(deployed, 
         site_log = next((Path(env["HCLS_WORKSPACE"]) / "local" / site).glob(f"{job_id}/log.txt")).read_text()
         spent = [float(e) for e in re.findall(r"DP epsilon spent (\S+) of the site's budget 8", site_log)]
         assert len(spent) >= 2 and spent == sorted(spent) and 0 < spent[-1] <= 8.0, spent
+    # The fetch builds the network from the job's own configuration: the GroupNorm variant, without naming it.
+    run("fetch_model.sh", "cxr_classification", job_id, env=env)
+    dp_network = DenseNet121(spatial_dims=2, in_channels=1, out_channels=18, norm=("group", {"num_groups": 32}),
+                             act=("relu", {"inplace": False}))  # fmt: skip
+    best = Path(env["MODELS_DIR"]) / "cxr_classification" / "best_model.pt"
+    dp_network.load_state_dict(torch.load(best, weights_only=True), strict=True)
     forged, forged_id = submit(env, build(env, TINY, tmp_path / "forged", forged=FORGED_NO_DP))
     assert forged.returncode != 0
     assert "PRIVACY_POLICY_BLOCKED by hospital_" in forged.stdout and "result lacks DP accounting" in forged.stdout

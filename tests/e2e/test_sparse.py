@@ -13,7 +13,7 @@ from conftest import submit_and_fetch
 from monai.networks.nets import DenseNet121
 
 SPARSE_10 = {
-    "meta": {"resource_spec": {}},
+    "site_resources": None,
     "server": {"num_rounds": 2},
     "client": {"sparse_update": {"enabled": True, "top_k_percent": 10},
                "trainer": {"image_size": [32, 32], "batch_size": 8, "num_workers": 0,

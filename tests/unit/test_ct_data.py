@@ -1,5 +1,6 @@
 """Unit tests of the CT segmentation data path: decathlon list checks, the demo data
-generator, transforms, loss, and the Dice metric. No NVFlare process needed."""
+generator, transforms, loss, the Dice metric, and the trainer that ``build(job, site, device)``
+wires from a built job and a site config. No NVFlare process needed."""
 
 import copy
 import gzip
@@ -14,16 +15,19 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.utils import set_determinism
 
 REPO = Path(__file__).resolve().parents[2]
 CUSTOM = REPO / "custom"
 sys.path.insert(0, str(CUSTOM))
 
 import ct_segmentation as ct  # noqa: E402
-import hcls_common  # noqa: E402
 from datagen import ct as datagen  # noqa: E402
+from hcls.job_config import JobConfig  # noqa: E402
+from hcls.site_config import SiteConfig  # noqa: E402
+from hcls.training import Trainer  # noqa: E402
+from ops import job_builder  # noqa: E402
 
-JOB = REPO / "job_configs" / "ct_segmentation"
 LABELS = datagen.LABELS
 N_LABELS = len(LABELS)
 
@@ -57,9 +61,22 @@ def save(data: np.ndarray, path: Path, affine=None) -> Path:
     return path
 
 
+def build_job(out: Path, profile: str = "", overlay: dict | None = None) -> JobConfig:
+    """The ct_segmentation job folder as ``job_builder`` builds it (PROFILE, then ``overlay`` merged on top)."""
+    config = job_builder.resolve(ct.JOB_NAME, profile)
+    if overlay:
+        config = job_builder.merge(config, overlay, "test overlay")
+    return JobConfig.from_job_folder(job_builder.write_job(config, out / "job"))
+
+
+def production_trainer() -> dict:
+    """The job's trainer settings, as the built job holds them."""
+    return job_builder.resolve(ct.JOB_NAME)["client"]["trainer"]
+
+
 def small_trainer(**changes) -> dict:
     """Trainer settings for tiny volumes: the production config with small sizes."""
-    trainer = json.loads((JOB / "config_fed_client.json").read_text())["trainer"]
+    trainer = production_trainer()
     trainer.update(pixdim=[1.5, 1.5, 2.0], roi_size=[16, 16, 16], num_samples=2, batch_size=2, num_workers=0)
     trainer.update(changes)
     return trainer
@@ -95,7 +112,7 @@ def test_generator_is_deterministic_and_seeded(tmp_path):
 
 
 def test_generator_labels_are_the_jobs():
-    assert json.loads((JOB / "config_fed_client.json").read_text())["trainer"]["labels"] == LABELS
+    assert production_trainer()["labels"] == LABELS
 
 
 def test_generator_cli(tmp_path):
@@ -236,36 +253,42 @@ def test_loader_batches(data_dir):
 # ---------------------------------------------------------------- config, loss, train/evaluate
 
 
-def job_config(tmp_path: Path, trainer_changes: dict | None = None, server_changes: dict | None = None) -> Path:
-    """The real job configs, optionally changed, in an app config/ folder."""
-    client = json.loads((JOB / "config_fed_client.json").read_text())
-    server = json.loads((JOB / "config_fed_server.json").read_text())
-    client["trainer"].update(trainer_changes or {})
-    server.update(server_changes or {})
-    (tmp_path / "config_fed_server.json").write_text(json.dumps(server))
-    (tmp_path / "config_fed_client.json").write_text(json.dumps(client))
-    return tmp_path / "config_fed_client.json"
+def network_overlay(**args) -> dict:
+    """A layer that changes the network's args (the server persistor's model)."""
+    return {"server": {"components": [{"id": "persistor", "args": {"model": {"args": args}}}]}}
 
 
 def test_production_and_demo_configs_load(tmp_path):
-    trainer = ct.load_config(job_config(tmp_path))
-    assert trainer["roi_size"] == [96, 96, 96]
-    demo = json.loads((JOB / "profiles" / "demo.json").read_text())["client"]["trainer"]
-    trainer = ct.load_config(job_config(tmp_path, demo))
-    assert isinstance(ct.build_loss(trainer, tmp_path / "config_fed_client.json"), torch.nn.Module)
+    job = build_job(tmp_path / "production")
+    trainer = ct.load_settings(job)
+    assert trainer["roi_size"] == [96, 96, 96] and job.key_metric == "val_mean_dice"
+    demo = build_job(tmp_path / "demo", "demo")
+    trainer = ct.load_settings(demo)
+    assert trainer["roi_size"] == [24, 24, 24]
+    assert isinstance(ct.build_loss(trainer, demo.client_path), torch.nn.Module)
 
 
 @pytest.mark.parametrize(
-    "trainer_changes, server_changes, fragment",
-    [({"roi_size": [96, 96, 60]}, {}, "config_fed_client.json: trainer.roi_size [96, 96, 60]"),
-     ({"labels": LABELS[:-1]}, {}, "config_fed_server.json: the network's out_channels (14)"),
-     ({}, {"key_metric": "val_dice"}, "config_fed_server.json: key_metric must be 'val_mean_dice'")],
-    ids=["roi", "labels", "key-metric"],
+    "overlay, fragment",
+    [({"client": {"trainer": {"roi_size": [96, 96, 60]}}}, "config_fed_client.json: trainer.roi_size [96, 96, 60]"),
+     ({"client": {"trainer": {"labels": LABELS[:-1]}}}, "config_fed_server.json: the network's out_channels (14)"),
+     (network_overlay(out_channels=13), "config_fed_server.json: the network's out_channels (13) must be"),
+     (network_overlay(blocks_down=4), "config_fed_server.json: the network's blocks_down must be a list"),
+     ({"client": {"trainer": {"pixdim": [1.5, 1.5]}}}, "config_fed_client.json: trainer.pixdim needs 3 values"),
+     ({"client": {"trainer": {"sliding_window": None}}}, "config_fed_client.json: 'trainer' lacks the field(s) "
+      "sliding_window")],
+    ids=["roi", "labels", "out-channels", "blocks-down", "pixdim", "missing-field"],
 )  # fmt: skip
-def test_config_errors_name_the_file(tmp_path, trainer_changes, server_changes, fragment):
+def test_config_errors_name_the_file(tmp_path, overlay, fragment):
     with pytest.raises(ValueError) as err:
-        ct.load_config(job_config(tmp_path, trainer_changes, server_changes))
+        ct.load_settings(build_job(tmp_path, overlay=overlay))
     assert fragment in str(err.value)
+
+
+def test_roi_size_follows_the_networks_downsamplings(tmp_path):
+    """roi_size must be a multiple of 2 ** (stages - 1) of the job's network, not of a fixed network."""
+    overlay = network_overlay(blocks_down=[1, 2, 2]) | {"client": {"trainer": {"roi_size": [96, 96, 60]}}}
+    assert ct.load_settings(build_job(tmp_path, overlay=overlay))["roi_size"] == [96, 96, 60]
 
 
 def test_build_loss(tmp_path):
@@ -284,21 +307,29 @@ def test_build_loss(tmp_path):
         ct.build_loss({"loss": {"name": "DiceCE", "args": {}}}, config)
 
 
-def test_train_and_evaluate_run_on_a_small_segresnet(data_dir):
-    from monai.networks.nets import SegResNet
-
-    trainer = small_trainer(sliding_window={"sw_batch_size": 2, "overlap": 0.25}, batch_size=1, num_samples=1)
-    train, val = ct.load_data(trainer | {"max_train_samples": 2, "max_val_samples": 1}, data_dir)
-    hcls_common.seed_everything(0)
-    model = SegResNet(spatial_dims=3, in_channels=1, out_channels=N_LABELS + 1, init_filters=8)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss_fn = ct.build_loss(trainer, Path("config_fed_client.json"))
-    cpu = torch.device("cpu")
-    mean_loss, steps = ct.train(model, ct.make_loader(train, trainer, True), optimizer, loss_fn, 1, cpu)
-    assert steps == 2 and math.isfinite(mean_loss)
-    metrics = ct.evaluate(model, ct.make_loader(val, trainer, False), ct.make_inferer(trainer), LABELS, cpu)
-    assert set(metrics) <= {ct.KEY_METRIC, *(f"val_dice_{name}" for name in LABELS)}
-    assert 0.0 <= metrics[ct.KEY_METRIC] <= 1.0
+def test_build_returns_a_trainer_that_trains_and_evaluates(tmp_path, data_dir):
+    """The demo job with a small SegResNet on the generated site data: train() runs the job's optimizer and
+    loss on roi crops, evaluate() reports Dice under the job's key metric on whole validation volumes."""
+    small = {
+        "server": network_overlay(init_filters=8)["server"],
+        "client": {"trainer": {"pixdim": [1.5, 1.5, 2.0], "roi_size": [16, 16, 16], "local_epochs": 1,
+                               "max_train_samples": 2, "max_val_samples": 1}},
+    }  # fmt: skip
+    job = build_job(tmp_path, "demo", small)
+    site_config = tmp_path / "site_config.json"
+    site_config.write_text(json.dumps({"data_root": str(data_dir.parent), "datasets": {ct.JOB_NAME: data_dir.name}}))
+    set_determinism(seed=0)
+    trainer = ct.build(job, SiteConfig(site_config), torch.device("cpu"))
+    assert isinstance(trainer, Trainer) and trainer.n_train == 2 and trainer.dp_accounting is None
+    assert list(trainer.model.state_dict()) == list(job.build_network().state_dict())
+    initial = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    mean_loss, steps = trainer.train()
+    assert steps == 2 and math.isfinite(mean_loss)  # 2 volumes, batch_size 1, num_samples 1, 1 epoch
+    assert any(not torch.equal(value, initial[name]) for name, value in trainer.model.state_dict().items())
+    metrics = trainer.evaluate()
+    assert job.key_metric == "val_mean_dice" and job.key_metric in metrics
+    assert set(metrics) <= {job.key_metric, *(f"val_dice_{name}" for name in LABELS)}
+    assert 0.0 <= metrics[job.key_metric] <= 1.0
 
 
 def logits_of(prediction: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -306,14 +337,14 @@ def logits_of(prediction: torch.Tensor, n_classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(prediction.long(), n_classes).movedim(-1, 0).unsqueeze(0).float() * 5.0
 
 
-def dice(pairs: list[tuple[list[int], list[int]]], labels=("a", "b")) -> dict:
+def dice(pairs: list[tuple[list[int], list[int]]], labels=("a", "b"), key_metric="val_mean_dice") -> dict:
     """The trainer's metrics for (prediction, label) voxel lists, one pair per volume of 1 x 1 x N voxels."""
     metric = ct.new_dice_metric()
     n_classes = len(labels) + 1
     for prediction, label in pairs:
         pred, lab = torch.tensor(prediction).view(1, 1, -1), torch.tensor(label).view(1, 1, 1, 1, -1)
         ct.score_batch(metric, logits_of(pred, n_classes), lab, n_classes)
-    return ct.dice_metrics(metric, list(labels))
+    return ct.dice_metrics(metric, list(labels), key_metric)
 
 
 def test_dice_perfect_disjoint_and_half():
@@ -341,3 +372,9 @@ def test_dice_leaves_out_organs_absent_from_every_label():
 def test_dice_is_nan_without_any_organ():
     metrics = dice([([1, 0], [0, 0])])
     assert set(metrics) == {"val_mean_dice"} and math.isnan(metrics["val_mean_dice"])
+
+
+def test_dice_mean_is_reported_under_the_key_metric_given():
+    """The trainer reports the mean Dice under the job's key metric (what the server's model selector reads)."""
+    metrics = dice([([0, 1, 1, 2, 2, 0], [0, 1, 1, 2, 2, 0])], key_metric="val_dice")
+    assert metrics == {"val_dice": 1.0, "val_dice_a": 1.0, "val_dice_b": 1.0}

@@ -1,5 +1,6 @@
 """Unit tests of the CXR data handling: CSV label policies and validation, the demo data
-generator, image transforms, the masked loss and the AUC metric. No NVFlare process needed."""
+generator, image transforms, the masked loss and the AUC metric, and the trainer that
+``build(job, site, device)`` wires from a built job and a site config. No NVFlare process needed."""
 
 import csv
 import json
@@ -12,13 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from monai.transforms import Compose
+from monai.utils import set_determinism
 
 CUSTOM = Path(__file__).resolve().parents[2] / "custom"
 sys.path.insert(0, str(CUSTOM))
 
 import cxr_classification as cxr  # noqa: E402
-import hcls_common  # noqa: E402
 from datagen import cxr as datagen  # noqa: E402
+from hcls import transform_config  # noqa: E402
+from hcls.components import build_by_name, build_optimizer  # noqa: E402
+from hcls.job_config import JobConfig  # noqa: E402
+from hcls.site_config import SITE_CONFIG_ENV, SiteConfig  # noqa: E402
+from hcls.training import Trainer  # noqa: E402
+from ops import job_builder  # noqa: E402
 
 LABELS = datagen.DEFAULT_LABELS
 
@@ -36,6 +44,20 @@ def csv_dir(tmp_path, data_dir) -> Path:
     """A directory holding one real image, ``img.jpg``, for hand-written CSVs."""
     shutil.copy(next(data_dir.glob("images/*/study1/view1_frontal.jpg")), tmp_path / "img.jpg")
     return tmp_path
+
+
+def build_job(out: Path, profile: str = "", overlay: dict | None = None) -> JobConfig:
+    """The cxr_classification job folder as ``job_builder`` builds it (PROFILE, then ``overlay`` merged on top)."""
+    config = job_builder.resolve(cxr.JOB_NAME, profile)
+    if overlay:
+        config = job_builder.merge(config, overlay, "test overlay")
+    return JobConfig.from_job_folder(job_builder.write_job(config, out / "job"))
+
+
+def write_site_config(path: Path, data_dir: Path, privacy: dict | None = None) -> SiteConfig:
+    config = {"data_root": str(data_dir.parent), "datasets": {cxr.JOB_NAME: data_dir.name}}
+    path.write_text(json.dumps(config | ({"privacy": privacy} if privacy is not None else {})))
+    return SiteConfig(path)
 
 
 def write_csv(path: Path, lines: list[str]) -> Path:
@@ -90,14 +112,12 @@ def test_identifiers_look_real_and_birth_date_matches_age(data_dir):
         assert int(row["PatientBirthDate"][:4]) == datagen.STUDY_YEAR - int(row["Age"])
 
 
-def test_a_label_that_the_site_blocks_is_refused(data_dir, tmp_path, monkeypatch):
-    site_config = tmp_path / "site_config.json"
-    site_config.write_text(json.dumps({"privacy": {"blocked_data_fields": ["PatientID"]}}))
-    monkeypatch.setenv(hcls_common.SITE_CONFIG_ENV, str(site_config))
+def test_a_label_that_the_site_blocks_is_refused(data_dir, tmp_path):
+    site = write_site_config(tmp_path / "site_config.json", data_dir, {"blocked_data_fields": ["PatientID"]})
     trainer = {"labels": ["Edema", "PatientID"], "uncertain_label_policy": "ones", "max_train_samples": 0,
                "max_val_samples": 0}  # fmt: skip
     with pytest.raises(ValueError, match=r"trainer.labels names PatientID, blocked by this site .*site_config.json"):
-        cxr.load_data(trainer, data_dir, ["PatientID"])
+        cxr.load_data(trainer, site.dataset_dir(cxr.JOB_NAME), site.blocked_fields, site.path)
 
 
 def test_val_csv_holds_only_expert_labels(data_dir):
@@ -156,52 +176,66 @@ def test_empty_dataset(csv_dir):
 # ---------------------------------------------------------------- configs
 
 
-def write_job_config(app_config: Path, key_metric: str = "val_auc", **trainer_changes) -> Path:
-    """A job's client config with every required trainer key, and its server config next to it."""
-    trainer = {key: None for key in cxr.REQUIRED_KEYS} | {"uncertain_label_policy": "ones"} | trainer_changes
-    (app_config / "config_fed_server.json").write_text(json.dumps({"key_metric": key_metric}))
-    client_config = app_config / "config_fed_client.json"
-    client_config.write_text(json.dumps({"format_version": 2, "trainer": trainer}))
-    return client_config
+def test_production_and_profile_settings_load(tmp_path):
+    for profile in ("", "demo", "dp", "he"):
+        job = build_job(tmp_path / (profile or "production"), profile)
+        trainer = cxr.load_settings(job)
+        assert trainer["labels"] == LABELS and len(LABELS) == job.network["args"]["out_channels"] == 18
+        assert job.key_metric == "val_auc"
+        assert JobConfig.from_client_config(job.client_path).client == job.client  # how a site's trainer finds it
 
 
 def test_unknown_policy_names_config_file(tmp_path):
-    config = write_job_config(tmp_path, uncertain_label_policy="maybe")
+    job = build_job(tmp_path, overlay={"client": {"trainer": {"uncertain_label_policy": "maybe"}}})
     with pytest.raises(ValueError, match="config_fed_client.json: trainer.uncertain_label_policy 'maybe'"):
-        cxr.load_config(config)
+        cxr.load_settings(job)
 
 
-def test_other_key_metric_names_server_config(tmp_path):
-    with pytest.raises(ValueError, match="config_fed_server.json: key_metric must be 'val_auc'"):
-        cxr.load_config(write_job_config(tmp_path, key_metric="val_dice"))
+def test_missing_trainer_field_names_config_file(tmp_path):
+    job = build_job(tmp_path, overlay={"client": {"trainer": {"max_val_samples": None}}})  # null deletes the key
+    with pytest.raises(ValueError, match="config_fed_client.json: 'trainer' lacks the field.s. max_val_samples"):
+        cxr.load_settings(job)
+
+
+def test_network_outputs_must_be_one_per_label_naming_the_server_config(tmp_path):
+    """What ties the network to the labels: its out_channels, in the server config, is len(trainer.labels)."""
+    job = build_job(tmp_path, "demo", {"client": {"trainer": {"labels": LABELS[:-1]}}})
+    with pytest.raises(ValueError) as err:
+        cxr.load_settings(job)
+    message = str(err.value)
+    assert message.startswith(f"{job.server_path}: the network's out_channels (18) must be len(trainer.labels) = 17")
+    assert str(job.client_path) in message
+    network = {"components": [{"id": "persistor", "args": {"model": {"args": {"out_channels": 17}}}}]}
+    fixed = build_job(tmp_path, "demo", {"server": network, "client": {"trainer": {"labels": LABELS[:-1]}}})
+    assert cxr.load_settings(fixed)["labels"] == LABELS[:-1]
 
 
 def test_unknown_optimizer_names_config_file_and_field(tmp_path):
     config = tmp_path / "config_fed_client.json"
     with pytest.raises(ValueError, match="config_fed_client.json: trainer.optimizer.name = 'Adamm'"):
-        hcls_common.build_optimizer({"optimizer": {"name": "Adamm", "args": {}}}, config, [])
+        build_optimizer({"optimizer": {"name": "Adamm", "args": {}}}, config, [])
 
 
 def test_site_dataset_dir(tmp_path, monkeypatch, data_dir):
     site_config = tmp_path / "site_config.json"
-    monkeypatch.delenv(hcls_common.SITE_CONFIG_ENV, raising=False)
+    monkeypatch.delenv(SITE_CONFIG_ENV, raising=False)
     with pytest.raises(ValueError, match="HCLS_SITE_CONFIG is not set"):
-        hcls_common.site_dataset_dir("cxr_classification")
+        SiteConfig.from_env()
 
-    monkeypatch.setenv(hcls_common.SITE_CONFIG_ENV, str(site_config))
+    monkeypatch.setenv(SITE_CONFIG_ENV, str(site_config))
     with pytest.raises(ValueError, match="site_config.json: file not found"):
-        hcls_common.site_dataset_dir("cxr_classification")
+        SiteConfig.from_env()
 
     site_config.write_text(json.dumps({"data_root": str(tmp_path), "datasets": {"ct_segmentation": "ct"}}))
     with pytest.raises(ValueError, match="site_config.json: field 'datasets.cxr_classification'"):
-        hcls_common.site_dataset_dir("cxr_classification")
+        SiteConfig.from_env().dataset_dir("cxr_classification")
 
     site_config.write_text(json.dumps({"data_root": str(tmp_path), "datasets": {"cxr_classification": "chexpert"}}))
     with pytest.raises(ValueError, match=f"dataset directory {tmp_path / 'chexpert'} .* does not exist"):
-        hcls_common.site_dataset_dir("cxr_classification")
+        SiteConfig.from_env().dataset_dir("cxr_classification")
 
     site_config.write_text(json.dumps({"data_root": str(tmp_path), "datasets": {"cxr_classification": str(data_dir)}}))
-    assert hcls_common.site_dataset_dir("cxr_classification") == data_dir
+    assert SiteConfig.from_env().dataset_dir("cxr_classification") == data_dir
 
 
 # ---------------------------------------------------------------- generator
@@ -228,12 +262,11 @@ def test_generator_patients_differ_per_seed_and_site(tmp_path):
 
 
 def test_generator_cli_takes_labels_from_job_config(tmp_path):
-    config = tmp_path / "config_fed_client.json"
-    config.write_text(json.dumps({"trainer": {"labels": ["Edema", "Lung Opacity"]}}))
+    job = build_job(tmp_path, "demo", {"client": {"trainer": {"labels": ["Edema", "Lung Opacity"]}}})
     subprocess.run(
-        [sys.executable, str(CUSTOM / "datagen" / "cxr.py"), "--out", str(tmp_path / "out"), "--n-train", "3",
-         "--n-val", "2", "--seed", "5", "--size", "32", "--labels-from", str(config), "--site-prefix", "C"],
-        check=True, capture_output=True,
+        [sys.executable, "-m", "datagen.cxr", "--out", str(tmp_path / "out"), "--n-train", "3", "--n-val", "2",
+         "--seed", "5", "--size", "32", "--labels-from", str(job.client_path), "--site-prefix", "C"],
+        cwd=CUSTOM, check=True, capture_output=True,  # as scripts/generate_data.sh runs it
     )  # fmt: skip
     header = (tmp_path / "out" / "train.csv").read_text().splitlines()[0]
     assert header == "Path,Sex,Age,Frontal/Lateral,AP/PA,Edema,Lung Opacity,PatientName,PatientID,PatientBirthDate"
@@ -246,7 +279,7 @@ def test_generator_cli_takes_labels_from_job_config(tmp_path):
 @pytest.mark.parametrize("train", [False, True])
 def test_image_transforms_shape_and_range(data_dir, train):
     record = cxr.read_label_csv(data_dir / "val.csv", LABELS, "ones")[0]
-    image = cxr.image_transforms([48, 40], train=train)(record)["image"]
+    image = cxr.image_transforms({"image_size": [48, 40]}, train=train)(record)["image"]
     assert tuple(image.shape) == (1, 48, 40)
     assert image.dtype == torch.float32
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
@@ -265,7 +298,7 @@ def test_loader_batches(data_dir):
 
 def test_masked_loss_averages_unmasked_elements_only():
     trainer = {"loss": {"name": "BCEWithLogitsLoss", "args": {}}}
-    loss_fn = hcls_common.build_loss(trainer, Path("config_fed_client.json"), reduction="none")
+    loss_fn = build_by_name(torch.nn, trainer["loss"], Path("config_fed_client.json"), "loss", reduction="none")
     logits = torch.tensor([[0.0, 2.0], [-1.0, 0.0]], requires_grad=True)
     target = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
@@ -299,3 +332,64 @@ def test_auc_is_nan_with_a_warning_when_no_label_qualifies():
     target = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
     with pytest.warns(UserWarning, match="val_auc is nan"):
         assert math.isnan(cxr.mean_auc(torch.rand(2, 2), target, torch.ones_like(target)))
+
+
+# ---------------------------------------------------------------- the trainer: build(job, site, device)
+
+TINY = {"client": {"trainer": {"image_size": [32, 32], "batch_size": 4, "num_workers": 0}}}  # demo, smaller
+CPU = torch.device("cpu")
+
+
+def test_build_returns_a_trainer_that_trains_and_evaluates(tmp_path, data_dir):
+    """The demo job on the generated site data: the job's network, trained by train(), scored by evaluate()."""
+    job = build_job(tmp_path, "demo", TINY)
+    site = write_site_config(tmp_path / "site_config.json", data_dir, {"min_dataset_size": 1})
+    set_determinism(seed=0)
+    trainer = cxr.build(job, site, CPU)
+    assert isinstance(trainer, Trainer) and trainer.n_train == 12 and trainer.dp_accounting is None
+    assert list(trainer.model.state_dict()) == list(job.build_network().state_dict())  # what the server aggregates
+    initial = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+
+    metrics = trainer.evaluate()
+    assert set(metrics) == {job.key_metric} == {"val_auc"}
+    assert math.isnan(metrics["val_auc"]) or 0.0 <= metrics["val_auc"] <= 1.0
+
+    rounds = [trainer.train() for _ in range(3)]
+    assert all(steps == 3 and math.isfinite(loss) for loss, steps in rounds)  # 12 samples / batch_size 4
+    assert rounds[-1][0] < rounds[0][0]  # training lowers the loss
+    changed = [name for name, value in trainer.model.state_dict().items() if not torch.equal(value, initial[name])]
+    assert "class_layers.out.weight" in changed
+    assert set(trainer.evaluate()) == {"val_auc"}
+
+
+def test_trainer_reports_the_jobs_key_metric(tmp_path, data_dir):
+    """The key metric is the job's (the server's model selector reads it), whatever it is named."""
+    job = build_job(tmp_path, "demo", TINY | {"server": {"key_metric": "val_macro_auc"}})
+    site = write_site_config(tmp_path / "site_config.json", data_dir, {})
+    assert set(cxr.build(job, site, CPU).evaluate()) == {"val_macro_auc"}
+
+
+def test_validation_preprocessing_is_the_bundle_configs(tmp_path, data_dir, monkeypatch):
+    """What the trainer's evaluate() feeds the network is ``inference_preprocessing`` instantiated from its
+    MONAI bundle config (what the fetched model's bundle carries), applied to the image file alone."""
+    loaders, evaluate = [], cxr.evaluate
+
+    def spy(model, loader, *args):  # the validation loader that the trainer's evaluate() uses
+        loaders.append(loader)
+        return evaluate(model, loader, *args)
+
+    monkeypatch.setattr(cxr, "evaluate", spy)
+    job = build_job(tmp_path, "demo", TINY)
+    site = write_site_config(tmp_path / "site_config.json", data_dir, {})
+    cxr.build(job, site, CPU).evaluate()
+    (loader,) = loaders
+    val_records = cxr.read_label_csv(data_dir / "val.csv", LABELS, "ones")
+    assert [r["image"] for r in loader.dataset.data] == [r["image"] for r in val_records]
+
+    record = val_records[0]
+    bundle = Compose(transform_config.instantiate(cxr.inference_preprocessing(cxr.load_settings(job))))
+    expected = bundle({"image": record["image"]})["image"]
+    for _ in range(2):  # deterministic: no augmentation in validation
+        actual = loader.dataset.transform(dict(record))["image"]
+        assert tuple(actual.shape) == (1, 32, 32)
+        assert torch.equal(torch.as_tensor(actual), torch.as_tensor(expected))

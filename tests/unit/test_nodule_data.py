@@ -1,8 +1,8 @@
 """Unit tests of the lung nodule detection data handling: world -> voxel conversion, the
-LUNA16-layout checks, the demo data generator, the detection pipeline and the FROC metric.
+LUNA16-layout checks, the demo data generator, the detection pipeline, the FROC metric, and
+the trainer that ``build(job, site, device)`` wires from a built job and a site config.
 No NVFlare process needed."""
 
-import copy
 import csv
 import json
 import shutil
@@ -13,32 +13,39 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.utils import set_determinism
 
 REPO = Path(__file__).resolve().parents[2]
 CUSTOM = REPO / "custom"
 sys.path.insert(0, str(CUSTOM))
 
 import froc  # noqa: E402
-import hcls_common  # noqa: E402
 import lung_nodule_detection as lnd  # noqa: E402
 from datagen import luna16 as datagen  # noqa: E402
+from hcls.job_config import JobConfig  # noqa: E402
+from hcls.site_config import SiteConfig  # noqa: E402
+from hcls.training import Trainer, train_epochs  # noqa: E402
+from ops import job_builder  # noqa: E402
 
-JOB = REPO / "job_configs" / "lung_nodule_detection"
 
-
-def deep_merge(base: dict, overlay: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in overlay.items():
-        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = deep_merge(merged[key], value) if nested else value
-    return merged
+def build_job(out: Path, profile: str = "", overlay: dict | None = None) -> JobConfig:
+    """The lung_nodule_detection job folder as ``job_builder`` builds it (PROFILE, then ``overlay`` on top)."""
+    config = job_builder.resolve(lnd.JOB_NAME, profile)
+    if overlay:
+        config = job_builder.merge(config, overlay, "test overlay")
+    return JobConfig.from_job_folder(job_builder.write_job(config, out / "job"))
 
 
 @pytest.fixture(scope="module")
-def demo_trainer() -> dict:
-    """The job's trainer config with the demo profile applied (as scripts/build_job.sh does)."""
-    trainer = json.loads((JOB / "config_fed_client.json").read_text())["trainer"]
-    return deep_merge(trainer, json.loads((JOB / "profiles" / "demo.json").read_text())["client"]["trainer"])
+def demo_job(tmp_path_factory) -> JobConfig:
+    """The job built with the demo profile (as scripts/build_job.sh builds it)."""
+    return build_job(tmp_path_factory.mktemp("demo_job"), "demo")
+
+
+@pytest.fixture(scope="module")
+def demo_trainer(demo_job) -> dict:
+    """The job's trainer settings with the demo profile applied."""
+    return lnd.load_settings(demo_job)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +186,7 @@ def test_pipeline_boxes_follow_resampling(generated, demo_trainer):
 
 def test_positive_only_crops_hold_a_whole_nodule(generated, demo_trainer):
     """With crop_pos_neg [1, 0] every training patch holds at least one nodule's whole, unclipped box."""
-    hcls_common.seed_everything(0)
+    set_determinism(seed=0)
     trainer = {**demo_trainer, "crop_pos_neg": [1, 0], "batch_size": 3}
     train_records, _ = lnd.load_data(trainer, generated)
     transform = lnd.detection_transforms(trainer, train=True)
@@ -338,40 +345,49 @@ def test_froc_without_nodules_is_nan():
 
 
 @pytest.fixture(scope="module")
-def network():
-    return hcls_common.build_network_from_spec(hcls_common.network_spec(JOB / "config_fed_client.json"))
+def network(demo_job):
+    return demo_job.build_network()
 
 
-def test_patch_sizes_must_fit_the_network(network, demo_trainer):
-    with pytest.raises(ValueError, match=r"trainer.patch_size \[24, 32, 16\] must be 3 sizes divisible"):
-        lnd.build_detector(network, {**demo_trainer, "patch_size": [24, 32, 16]}, JOB / "config_fed_client.json")
+def test_patch_sizes_must_fit_the_network(network, demo_job, demo_trainer):
+    with pytest.raises(ValueError, match=r"config_fed_client.json: trainer.patch_size \[24, 32, 16\] must be 3 sizes"):
+        lnd.build_detector(network, {**demo_trainer, "patch_size": [24, 32, 16]}, demo_job.client_path)
 
 
-def test_matcher_choice(network, demo_trainer):
+def test_matcher_and_loss_choice(network, demo_job, demo_trainer):
     from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
     from torchvision.models.detection._utils import Matcher
 
-    config = JOB / "config_fed_client.json"
-    assert isinstance(lnd.build_detector(network, demo_trainer, config).proposal_matcher, Matcher)
+    config = demo_job.client_path
+    detector = lnd.build_detector(network, demo_trainer, config)
+    assert isinstance(detector.proposal_matcher, Matcher)
+    assert isinstance(detector.cls_loss_func, lnd.FocalLoss)  # the job's classification_loss "focal"
     atss = {**demo_trainer, "matcher": {"type": "atss", "num_candidates": 4, "center_in_gt": False}}
     assert isinstance(lnd.build_detector(network, atss, config).proposal_matcher, ATSSMatcher)
+    bce = {**demo_trainer, "classification_loss": "bce"}
+    assert isinstance(lnd.build_detector(network, bce, config).cls_loss_func, torch.nn.BCEWithLogitsLoss)
 
 
-def test_config_checks(tmp_path):
-    config = json.loads((JOB / "config_fed_client.json").read_text())
-    config["trainer"]["classification_loss"] = "dice"
-    (tmp_path / "config_fed_client.json").write_text(json.dumps(config))
-    shutil.copy(JOB / "config_fed_server.json", tmp_path / "config_fed_server.json")
-    with pytest.raises(ValueError, match="trainer.classification_loss 'dice' is not one of focal, bce"):
-        lnd.load_config(tmp_path / "config_fed_client.json")
-    config["trainer"].update(classification_loss="focal", crop_pos_neg=[0, 0])
-    (tmp_path / "config_fed_client.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"config_fed_client.json: trainer.crop_pos_neg \[0, 0\] must be \[pos, neg\]"):
-        lnd.load_config(tmp_path / "config_fed_client.json")
-    config["trainer"].update(crop_pos_neg=[1, 1], lr_warmup_epochs=-1)
-    (tmp_path / "config_fed_client.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"config_fed_client.json: trainer.lr_warmup_epochs -1 must be a number"):
-        lnd.load_config(tmp_path / "config_fed_client.json")
+@pytest.mark.parametrize(
+    "changes, message",
+    [({"classification_loss": "dice"}, r"trainer.classification_loss 'dice' is not one of focal, bce"),
+     ({"box_regression_loss": "giou"}, r"trainer.box_regression_loss 'giou' is not one of smooth_l1"),
+     ({"crop_pos_neg": [0, 0]}, r"trainer.crop_pos_neg \[0, 0\] must be \[pos, neg\]"),
+     ({"lr_warmup_epochs": -1}, r"trainer.lr_warmup_epochs -1 must be a number"),
+     ({"froc_fps_per_scan": None}, r"'trainer' lacks the field\(s\) froc_fps_per_scan")],
+    ids=["classification-loss", "box-regression-loss", "crop-pos-neg", "lr-warmup", "missing-field"],
+)  # fmt: skip
+def test_config_checks(tmp_path, changes, message):
+    job = build_job(tmp_path, overlay={"client": {"trainer": changes}})
+    with pytest.raises(ValueError, match="config_fed_client.json: " + message):
+        lnd.load_settings(job)
+
+
+def test_production_and_demo_settings_load(tmp_path, demo_job, demo_trainer):
+    production = lnd.load_settings(build_job(tmp_path))
+    assert production["patch_size"] == [192, 192, 80] and demo_trainer["patch_size"] == [32, 32, 16]
+    assert demo_trainer["anchors"] == production["anchors"]  # the demo profile keeps the job's anchors
+    assert demo_job.key_metric == "val_froc"
 
 
 def test_lr_warmup_rises_linearly_to_the_configured_rate():
@@ -388,17 +404,34 @@ def test_lr_warmup_rises_linearly_to_the_configured_rate():
     assert rates == pytest.approx([0.001 * k for k in range(1, 11)] + [0.01, 0.01])
 
 
-def test_one_train_step_and_evaluation(network, generated, demo_trainer):
-    """The detector trains on generated patches and evaluates whole volumes (untrained: no detection)."""
-    hcls_common.seed_everything(0)
-    trainer = {**demo_trainer, "max_train_samples": 1, "max_val_samples": 1, "local_epochs": 1}
-    train_records, val_records = lnd.load_data(trainer, generated)
-    detector = lnd.build_detector(copy.deepcopy(network), trainer, JOB / "config_fed_client.json")
-    assert isinstance(detector.cls_loss_func, lnd.FocalLoss)
-    optimizer = hcls_common.build_optimizer(trainer, JOB / "config_fed_client.json", detector.network.parameters())
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
+def test_train_epochs_steps_the_warmup_once_per_volume(network, generated, demo_job, demo_trainer):
+    """The shared loop with ``patch_loss`` (what build() trains with): one optimizer and warm-up step per volume."""
+    set_determinism(seed=0)
+    trainer = {**demo_trainer, "max_train_samples": 1, "batch_size": 1, "lr_warmup_epochs": 10}
+    train_records, _ = lnd.load_data(trainer, generated)
+    detector = lnd.build_detector(network, trainer, demo_job.client_path)
+    optimizer = torch.optim.SGD(detector.network.parameters(), lr=0.01)
+    loader = lnd.make_loader(train_records, trainer, True)
+    scheduler = lnd.lr_warmup(optimizer, trainer, steps_per_epoch=len(loader))
     cpu = torch.device("cpu")
-    loss, steps = lnd.train(detector, lnd.make_loader(train_records, trainer, True), optimizer, scaler, 1, cpu, False)
+    loss, steps = train_epochs(detector, loader, optimizer, lambda b: lnd.patch_loss(detector, b, cpu, False), 1,
+                               scheduler=scheduler)  # fmt: skip
+    assert steps == 1 and np.isfinite(loss) and loss > 0  # one volume's batch_size patches per step
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 2 / 10)  # 1 of 10 warm-up steps taken
+
+
+def test_build_trains_one_step_and_evaluates(tmp_path, generated):
+    """build() on the generated site data: the detector trains on patches and evaluates whole volumes
+    (untrained: no detection), reporting FROC under the job's key metric."""
+    overlay = {"client": {"trainer": {"max_train_samples": 1, "max_val_samples": 1, "local_epochs": 1}}}
+    job = build_job(tmp_path, "demo", overlay)
+    site_config = tmp_path / "site_config.json"
+    site_config.write_text(json.dumps({"data_root": str(generated.parent), "datasets": {lnd.JOB_NAME: generated.name}}))
+    set_determinism(seed=0)
+    trainer = lnd.build(job, SiteConfig(site_config), torch.device("cpu"))
+    assert isinstance(trainer, Trainer) and trainer.n_train == 1 and trainer.dp_accounting is None
+    assert list(trainer.model.state_dict()) == list(job.build_network().state_dict())  # the network, not the detector
+    loss, steps = trainer.train()
     assert steps == 1 and np.isfinite(loss) and loss > 0
-    metrics = lnd.evaluate(detector, lnd.make_loader(val_records, trainer, False), cpu, trainer)
-    assert set(metrics) == {"val_froc"} and 0.0 <= metrics["val_froc"] <= 1.0
+    metrics = trainer.evaluate()
+    assert set(metrics) == {job.key_metric} == {"val_froc"} and 0.0 <= metrics["val_froc"] <= 1.0

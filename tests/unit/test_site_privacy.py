@@ -1,5 +1,6 @@
 """Unit tests of the site privacy policy and of DP-SGD, on real objects: the site's NVFlare result
-filter on real DXO shareables and generated manifests, Opacus on a real network and data loader."""
+filter on real DXO shareables and generated manifests, the site config a trainer reads its policy from,
+Opacus on a real network and data loader, and the DP trainer that a site requiring DP builds."""
 
 import json
 import sys
@@ -19,8 +20,12 @@ from torch.utils.data import DataLoader, TensorDataset
 CUSTOM = Path(__file__).resolve().parents[2] / "custom"
 sys.path.insert(0, str(CUSTOM))
 
-import hcls_common  # noqa: E402
+import cxr_classification as cxr  # noqa: E402
 from datagen import cxr as datagen  # noqa: E402
+from hcls.dp_sgd import make_private  # noqa: E402
+from hcls.job_config import JobConfig  # noqa: E402
+from hcls.site_config import SiteConfig  # noqa: E402
+from ops import job_builder  # noqa: E402
 from site_privacy import dataset  # noqa: E402
 from site_privacy.components import BLOCKED, SitePolicyFilter  # noqa: E402
 from site_privacy.policy import parse_policy  # noqa: E402
@@ -171,6 +176,36 @@ def test_dp_within_budget_passes_and_metrics_need_no_accounting(site):
     assert run_filter(site, DP_ON, metrics_only).get_return_code() == ReturnCode.OK
 
 
+# ---------------------------------------------------------------- the site config a trainer reads
+
+
+def site_config(site_root: Path, tmp_path: Path, privacy: dict | None) -> SiteConfig:
+    """The site's config (data of the ``site`` fixture) with ``privacy`` as its policy (none when None)."""
+    config = json.loads((site_root / "local" / "site_config.json").read_text())
+    path = tmp_path / "site_config.json"
+    path.write_text(json.dumps(config | ({"privacy": privacy} if privacy is not None else {})))
+    return SiteConfig(path)
+
+
+def test_trainers_read_the_sites_policy(site, tmp_path):
+    config = site_config(site, tmp_path, POLICY)
+    assert config.blocked_fields == POLICY["blocked_data_fields"]
+    assert config.dp_policy is None  # differential_privacy.enabled is false
+    assert site_config(site, tmp_path, DP_ON).dp_policy == DP_ON["differential_privacy"]
+    with pytest.raises(ValueError, match=r"site_config.json: field 'privacy' is missing"):
+        site_config(site, tmp_path, None).dp_policy
+
+
+def test_a_dataset_below_min_dataset_size_is_not_trained(site, tmp_path):
+    config = site_config(site, tmp_path, {**POLICY, "min_dataset_size": 13})
+    config.check_dataset_size("cxr_classification", 13)
+    with pytest.raises(ValueError) as err:
+        config.check_dataset_size("cxr_classification", 12)
+    message = str(err.value)
+    assert message.startswith(f"{config.path}: privacy.min_dataset_size is 13 but dataset ")
+    assert str(site / "data" / "chexpert") in message and "gives 12 training samples" in message
+
+
 # ---------------------------------------------------------------- DP-SGD (Opacus)
 
 
@@ -180,7 +215,7 @@ def dp_setup(n=24, batch=6, epochs=4, epsilon=8.0, delta=1e-5, max_grad_norm=0.5
                                 torch.nn.Linear(4 * 6 * 6, 3))  # fmt: skip
     loader = DataLoader(TensorDataset(torch.randn(n, 1, 8, 8), torch.rand(n, 3).round()), batch_size=batch)
     dp = {"epsilon": epsilon, "delta": delta, "max_grad_norm": max_grad_norm}
-    optimizer, dp_loader, accounting = hcls_common.make_private(
+    optimizer, dp_loader, accounting = make_private(
         model, torch.optim.SGD(model.parameters(), lr=0.1), loader, dp, epochs
     )
     return model, optimizer, dp_loader, accounting, dp, len(loader)
@@ -226,3 +261,72 @@ def test_noise_and_final_epsilon_are_the_accountants_for_all_rounds_and_steps():
     assert report["dp_noise_multiplier"] == pytest.approx(expected_sigma)
     assert set(report) >= {"dp_epsilon", "dp_delta", "dp_max_grad_norm"}
     assert list(model.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"]
+
+
+def dp_job(tmp_path: Path, overlay: dict | None = None) -> JobConfig:
+    """The CXR job built with its DP profile (and ``overlay`` on top)."""
+    config = job_builder.resolve("cxr_classification", "dp")
+    config = job_builder.merge(config, overlay, "test overlay") if overlay else config
+    return JobConfig.from_job_folder(job_builder.write_job(config, tmp_path / "job"))
+
+
+def test_the_dp_profile_network_is_one_opacus_can_train(tmp_path):
+    """DP-SGD needs per-sample gradients: no batch normalisation (the production DenseNet-121 has it)."""
+    from opacus.validators import ModuleValidator
+
+    assert ModuleValidator.validate(dp_job(tmp_path).build_network(), strict=False) == []
+    production = JobConfig.from_job_folder(
+        job_builder.write_job(job_builder.resolve("cxr_classification"), tmp_path / "production")
+    )
+    assert ModuleValidator.validate(production.build_network(), strict=False)  # BatchNorm: refused
+
+
+def test_a_site_requiring_dp_builds_a_dp_trainer(site, tmp_path, monkeypatch):
+    """The CXR job with its DP profile at a site that requires DP: DP-SGD at the site's budget over all the
+    job's rounds and local epochs, the epsilon spent reported with each result, and the exchanged state_dict
+    still the network's (no Opacus wrapper). A small DenseNet (per-sample gradients of DenseNet-121 take
+    long on a CPU), with the DP profile's normalisation and activation."""
+    network = {"path": "monai.networks.nets.DenseNet", "args": {
+        "init_features": 8, "growth_rate": 4, "block_config": [2, 2], "norm": ["group", {"num_groups": 4}]}}
+    small = {
+        "server": {"num_rounds": 2, "components": [{"id": "persistor", "args": {"model": network}}]},
+        "client": {"trainer": {"image_size": [32, 32], "batch_size": 4, "num_workers": 0, "local_epochs": 1,
+                               "max_train_samples": 8, "max_val_samples": 4}},
+    }  # fmt: skip
+    job = dp_job(tmp_path, small)
+    assert job.network["args"]["act"] == ["relu", {"inplace": False}]  # from the DP profile
+    calls = []
+    monkeypatch.setattr(cxr, "make_private", lambda *args: calls.append(args) or make_private(*args))
+    torch.manual_seed(0)
+    trainer = cxr.build(job, site_config(site, tmp_path, DP_ON), torch.device("cpu"))
+    ((model, _, _, dp, epochs),) = calls
+    assert model is trainer.model and dp == DP_ON["differential_privacy"]
+    assert epochs == job.num_rounds * job.trainer()["local_epochs"] == 2  # the budget covers the whole job
+    assert trainer.n_train == 8 and trainer.dp_accounting is not None
+    before = trainer.dp_accounting()
+    assert before["dp_epsilon"] == 0.0 and (before["dp_delta"], before["dp_max_grad_norm"]) == (1e-5, 1.0)
+    assert before["dp_noise_multiplier"] > 0
+
+    loss, steps = trainer.train()
+    assert steps == 2 and np.isfinite(loss)  # 1 local epoch of 8 / 4 Poisson-sampled batches
+    spent = trainer.dp_accounting()["dp_epsilon"]
+    assert 0.0 < spent < DP_ON["differential_privacy"]["epsilon"]  # one of 2 rounds: a part of the budget
+    assert list(trainer.model.state_dict()) == list(job.build_network().state_dict())
+    assert set(trainer.evaluate()) == {job.key_metric}
+
+
+def test_an_empty_first_poisson_batch_of_dict_samples_is_an_empty_batch(monkeypatch):
+    """Poisson sampling can draw an empty batch, the first one included; the trainers' samples are dicts.
+
+    Opacus builds an empty batch from the first non-empty one; before there is one, from the items of
+    ``dataset[0]``, which for a dict are its keys (dtype ``str``): a TypeError that stops the round.
+    """
+    import opacus.privacy_engine
+
+    monkeypatch.setattr(opacus.privacy_engine, "get_noise_multiplier", lambda **_: 1.0)  # the loader is the subject
+    data = [{"image": torch.randn(1, 8, 8), "label": np.ones(3, np.float32)} for _ in range(6)]
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    dp = {"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}
+    _, loader, _ = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data, 3), dp, 2)
+    empty = loader.collate_fn([])  # what the DP loader yields when the sampler draws no sample
+    assert {key: tuple(value.shape) for key, value in empty.items()} == {"image": (0, 1, 8, 8), "label": (0, 3)}

@@ -1,0 +1,89 @@
+"""The NVFlare Client API loop that runs a job's ``Trainer`` at a site (as in NVFlare's hello-pt client).
+
+Every trainer script ends with ``client_loop.main(JOB_NAME, build)``; NVFlare's ClientAPIExecutor starts it as
+``python3 -u custom/<trainer>.py --config config/config_fed_client.json`` from the job's app folder.
+"""
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+
+from monai.utils import set_determinism
+
+from hcls.job_config import JobConfig
+from hcls.site_config import SiteConfig
+from hcls.training import Trainer, default_device
+
+
+def main(job_name: str, build) -> None:
+    parser = argparse.ArgumentParser(description=f"{job_name} trainer (NVFlare Client API)")
+    parser.add_argument("--config", type=Path, required=True, help="the job's client config (with a 'trainer' object)")
+    job = JobConfig.from_client_config(parser.parse_args().config)
+    site = SiteConfig.from_env()
+    set_determinism(seed=job.trainer().get("seed", 0))
+    run(job_name, job, site, build(job, site, default_device()))
+
+
+def run(job_name: str, job: JobConfig, site: SiteConfig, trainer: Trainer) -> None:
+    """Receive the global model, evaluate it, train, send the update, until the job ends.
+
+    The received global model is evaluated first: the server's best-model selection uses that metric.
+    For cross-site validation the site submits its best local model. The site's privacy policy comes
+    first: fewer than ``min_dataset_size`` training samples, or a site that requires differential privacy
+    and a trainer without ``dp_accounting``, stop the trainer before any training. With DP, every result
+    that carries weights also carries the DP accounting (epsilon spent so far), which the site's filter checks.
+    """
+    import nvflare.client as flare
+    from nvflare.app_common.abstract.fl_model import FLModel
+    from nvflare.client.tracking import SummaryWriter
+
+    flare.init()
+    name = flare.get_site_name()
+    site.check_dataset_size(job_name, trainer.n_train)
+    if site.dp_policy and trainer.dp_accounting is None:
+        raise ValueError(
+            f"{site.path}: privacy.differential_privacy.enabled is true and the {job_name} trainer "
+            "has no differential privacy support: this site does not train it"
+        )
+    key_metric, model = job.key_metric, trainer.model
+    dp_meta = trainer.dp_accounting or dict
+    writer = SummaryWriter()
+    writer.add_scalar("n_train", trainer.n_train, global_step=0)  # the model passport's training-sample count
+    best_local_state, best_local = None, -math.inf
+    print(f"[{name}] {job_name}: n_train={trainer.n_train}" + (f" DP {dp_meta()}" if trainer.dp_accounting else ""))
+
+    while flare.is_running():
+        input_model = flare.receive()
+        if flare.is_submit_model():
+            params = model.state_dict() if best_local_state is None else best_local_state
+            flare.send(FLModel(params=params, meta=dp_meta()))
+            continue
+
+        model.load_state_dict(input_model.params)
+        metrics = trainer.evaluate()
+        if flare.is_evaluate():
+            flare.send(FLModel(metrics=metrics))
+            continue
+
+        round_no, started = input_model.current_round, time.time()
+        train_loss, steps = trainer.train()
+        local = trainer.evaluate()[key_metric]
+        if local > best_local:  # nan never counts as better
+            best_local_state, best_local = copy.deepcopy(model.state_dict()), local
+
+        writer.add_scalar("train_loss", train_loss, global_step=round_no)
+        for metric, value in metrics.items():
+            writer.add_scalar(metric, value, global_step=round_no)
+        writer.add_scalar(f"{key_metric}_local", local, global_step=round_no)
+        privacy = dp_meta()
+        if privacy:
+            writer.add_scalar("dp_epsilon", privacy["dp_epsilon"], global_step=round_no)
+        print(
+            f"[{name}] round {round_no}: train_loss={train_loss:.4f} {key_metric}={metrics[key_metric]:.4f} "
+            f"(global model) {key_metric}_local={local:.4f} steps={steps} {time.time() - started:.1f}s"
+            + (f" dp_epsilon={privacy['dp_epsilon']:.3f} of {site.dp_policy['epsilon']}" if privacy else "")
+        )
+        meta = {"NUM_STEPS_CURRENT_ROUND": steps, **privacy}
+        flare.send(FLModel(params=model.state_dict(), metrics=metrics, meta=meta))

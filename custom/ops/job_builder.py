@@ -1,0 +1,184 @@
+"""Build a complete NVFlare 2.9 job folder from layered configuration:
+
+    python -m ops.job_builder JOB [--profile NAME_OR_FILE] --out DIR      (custom/ on PYTHONPATH)
+
+Layers, each ``{"meta": {...}, "server": {...}, "client": {...}, "site_resources": {...}}``, merged in order:
+
+1. ``job_configs/base/`` (``meta.json``, ``config_fed_server.json``, ``config_fed_client.json``): what every job has;
+2. ``job_configs/<JOB>/job.json``: the job's network, key metric, rounds, trainer settings and resources;
+3. a profile, ``job_configs/<JOB>/profiles/<NAME>.json`` or a file: e.g. fewer rounds for the demo.
+
+Merging: objects merge key by key, recursively; ``null`` deletes a key; a list whose items all carry an
+``"id"`` (components, workflows, filter chains) merges item by item on ``id`` (a new id is appended,
+``{"id": X, "remove": true}`` removes X); any other value replaces the one below it.
+
+From ``provision/project.yml`` (the one list of sites): ``meta.resource_spec`` gives every client site the
+job's ``site_resources`` (none when null), and ``min_clients`` (meta and the FedAvg workflow, through the
+server config's ``{min_clients}``) defaults to the number of client sites. The job's code is ``custom/*.py``
+and the ``custom/hcls`` package; the site's own code (``custom/site_privacy``), the data generators and this
+tooling never travel with a job.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+JOB_CONFIGS = REPO / "job_configs"
+LAYER_KEYS = {"meta", "server", "client", "site_resources"}
+REMOVE = "remove"
+JOB_PACKAGES = ("hcls",)  # packages of custom/ shipped with every job, besides custom/*.py
+
+
+class BuildError(ValueError):
+    pass
+
+
+def _is_id_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "id" in v for v in value)
+
+
+def merge(base, overlay, where: str):
+    """``overlay`` over ``base`` (see the module docstring); ``where`` names the field in errors."""
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        merged = dict(base)
+        for key, value in overlay.items():
+            if value is None:
+                merged.pop(key, None)
+            elif key in merged:
+                merged[key] = merge(merged[key], value, f"{where}.{key}")
+            else:
+                merged[key] = merge(None, value, f"{where}.{key}")
+        return merged
+    if _is_id_list(overlay) and (_is_id_list(base) or base in (None, [])):
+        merged = list(base or [])
+        for item in overlay:
+            ids = [m["id"] for m in merged]
+            at = f"{where}[id={item['id']}]"
+            if item.get(REMOVE) is True:
+                if item["id"] not in ids:
+                    raise BuildError(f"{at}: cannot remove it, no such id below (ids: {', '.join(ids) or 'none'})")
+                merged.pop(ids.index(item["id"]))
+            elif item["id"] in ids:
+                merged[ids.index(item["id"])] = merge(merged[ids.index(item["id"])], item, at)
+            else:
+                merged.append(merge(None, item, at))
+        return merged
+    if isinstance(overlay, dict):  # a new object: drop its nulls
+        return {k: merge(None, v, f"{where}.{k}") for k, v in overlay.items() if v is not None}
+    return overlay
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BuildError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise BuildError(f"{path}: invalid JSON: {err}") from None
+
+
+def read_layer(path: Path) -> dict:
+    layer = read_json(path)
+    if not isinstance(layer, dict) or not set(layer) <= LAYER_KEYS:
+        raise BuildError(f"{path}: expected an object with keys among {', '.join(sorted(LAYER_KEYS))}")
+    if "resource_spec" in layer.get("meta", {}):
+        raise BuildError(f"{path}: meta.resource_spec comes from site_resources (the same for every site of project.yml)")
+    return layer
+
+
+def base_layer() -> dict:
+    base = JOB_CONFIGS / "base"
+    files = {"meta": "meta.json", "server": "config_fed_server.json", "client": "config_fed_client.json"}
+    return {key: read_json(base / name) for key, name in files.items()}
+
+
+def profile_path(job: str, profile: str) -> Path:
+    path = Path(profile)
+    if path.suffix == ".json" and path.is_file():
+        return path
+    named = JOB_CONFIGS / job / "profiles" / f"{profile}.json"
+    if not named.is_file():
+        known = sorted(p.stem for p in (JOB_CONFIGS / job / "profiles").glob("*.json"))
+        raise BuildError(f"no profile '{profile}' for {job} ({named} not found; profiles: {', '.join(known)})")
+    return named
+
+
+def client_sites(project_yml: Path) -> list[str]:
+    try:
+        project = yaml.safe_load(project_yml.read_text())
+        return [p["name"] for p in project["participants"] if p.get("type") == "client"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
+        raise BuildError(f"{project_yml}: cannot read the client sites: {err}") from None
+
+
+def resolve(job: str, profile: str = "", project_yml: Path = REPO / "provision" / "project.yml") -> dict:
+    """The merged ``{"meta", "server", "client"}`` of JOB with PROFILE, as the job folder will hold them."""
+    if not (JOB_CONFIGS / job / "job.json").is_file():
+        jobs = sorted(p.parent.name for p in JOB_CONFIGS.glob("*/job.json"))
+        raise BuildError(f"unknown JOB '{job}' (jobs: {', '.join(jobs)})")
+    config = base_layer()
+    layers = [JOB_CONFIGS / job / "job.json"] + ([profile_path(job, profile)] if profile else [])
+    for path in layers:
+        config = merge(config, read_layer(path), str(path))
+    sites = client_sites(project_yml)
+    resources = config.pop("site_resources", None)
+    meta, server = config["meta"], config["server"]
+    meta["resource_spec"] = {site: resources for site in sites} if resources else {}
+    server.setdefault("min_clients", len(sites))
+    meta.setdefault("min_clients", server["min_clients"])
+    leftover = [f"{where}" for where in _remove_markers(config, "")]
+    if leftover:
+        raise BuildError(f"{', '.join(leftover)}: 'remove' of an id that no layer below defines")
+    return config
+
+
+def _remove_markers(value, where):
+    if isinstance(value, dict):
+        if value.get(REMOVE) is True and "id" in value:
+            yield f"{where}[id={value['id']}]"
+        for key, item in value.items():
+            yield from _remove_markers(item, f"{where}.{key}" if where else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _remove_markers(item, f"{where}[{i}]")
+
+
+def write_job(config: dict, out: Path) -> Path:
+    """A complete NVFlare job folder: meta.json, app/config/*.json, app/custom/ (the job's code)."""
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "app" / "config").mkdir(parents=True)
+    custom = out / "app" / "custom"
+    custom.mkdir()
+    (out / "meta.json").write_text(json.dumps(config["meta"], indent=2) + "\n")
+    for key, name in (("server", "config_fed_server.json"), ("client", "config_fed_client.json")):
+        (out / "app" / "config" / name).write_text(json.dumps(config[key], indent=2) + "\n")
+    for script in sorted((REPO / "custom").glob("*.py")):
+        shutil.copy(script, custom / script.name)
+    for package in JOB_PACKAGES:
+        shutil.copytree(REPO / "custom" / package, custom / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("job")
+    parser.add_argument("--profile", default="", help="a profile name of the job, or a profile .json file")
+    parser.add_argument("--out", type=Path, required=True, help="the job folder to write (replaced)")
+    args = parser.parse_args(argv)
+    try:
+        write_job(resolve(args.job, args.profile), args.out)
+    except BuildError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
