@@ -2,8 +2,11 @@
 
     python -m ops.flare_admin submit  --kit KIT --job-dir DIR [--wait]
     python -m ops.flare_admin wait    --kit KIT --job-id ID
-    python -m ops.flare_admin fetch   --kit KIT --job NAME --job-config DIR --out models/NAME [--job-id ID] [--dest DIR]
+    python -m ops.flare_admin fetch   --kit KIT --job NAME --out models/NAME [--job-id ID] [--dest DIR]
     python -m ops.flare_admin status  --kit KIT
+
+Fetch reads everything (network, key metric, trainer settings) from the downloaded job's own definition,
+never from job_configs/: a job trained with any profile is fetched by its name alone.
 
 Errors are one line on stderr and exit code 1; nothing already fetched is overwritten
 until the new model is complete.
@@ -22,8 +25,9 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-import hcls_common
 import sparse_update
+from hcls.job_config import SERVER_CONFIG, JobConfig
+from ops import bundle
 
 COMPLETED = "FINISHED:COMPLETED"
 PROGRESS = re.compile(
@@ -129,75 +133,114 @@ def latest_finished(sess, job_name: str) -> str:
     return max(done, key=lambda j: j.get("submit_time", 0))["job_id"]
 
 
-def fetch(kit: str, job_name: str, job_config: str, out: str, job_id: str = "", dest: str = "") -> Path:
-    """Download a finished job: its best global model as a plain state_dict, metrics, update bytes."""
-    network = network_spec(job_config)
-    key_metric = hcls_common.key_metric(Path(job_config, "config_fed_client.json"))
+def fetch(kit: str, job_name: str, out: str, job_id: str = "", dest: str = "") -> Path:
+    """Download a finished job and write ``out``: its best global model as a plain state_dict, its metrics,
+    TensorBoard streams, update bytes and the model as a MONAI bundle (``bundle/``, see ops.bundle)."""
     with session(kit) as sess, tempfile.TemporaryDirectory(prefix="fetch-") as tmp:
         job_id = job_id or latest_finished(sess, job_name)
         status = job_status(sess, job_id)
         if status != COMPLETED:
             raise AdminError(f"job {job_id} is {status}, not {COMPLETED}: nothing to fetch")
+        # the job result: job/ (the job definition as submitted), meta.json and workspace/ (the server's run)
         result = Path(sess.download_job_result(job_id, destination=tmp))
-        model_path = _find(result, "best_FL_global_model.pt")
-        if model_path is None:
-            raise AdminError(
-                f"job {job_id} has no best model (best_FL_global_model.pt): the server keeps one only after a "
-                f"round > 0 reports {key_metric or 'the key metric'}; run more rounds"
-            )
-        best_round, best_value = _best_from_log(result)
-        tb_events = _find(result, "tb_events")
+        info = stage(result, job_name, job_id, Path(tmp) / "staged")
         out_dir = Path(out)
-        staged = Path(tmp) / "staged"
-        staged.mkdir()
-        state_dict = _plain_state_dict(model_path, network)
-        import torch
-
-        torch.save(state_dict, staged / "best_model.pt")
-        info = {
-            "job": job_name,
-            "job_id": job_id,
-            "round": best_round,
-            "key_metric": key_metric,
-            "value": best_value,
-            "initial_value": _initial_metric(tb_events, key_metric),
-            "network": network,
-            "sha256": hashlib.sha256((staged / "best_model.pt").read_bytes()).hexdigest(),
-            "nvflare_version": _nvflare_version(),
-            "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        (staged / "best_model.json").write_text(json.dumps(info, indent=2) + "\n")
-        cross_site = _find(result, "cross_val_results.json")
-        if cross_site is not None:
-            shutil.copy(cross_site, staged / "cross_site_val.json")
-        update_bytes = _find(result, sparse_update.RESULT_FILE)  # bytes each site sent per round, dense vs sent
-        if update_bytes is not None:
-            shutil.copy(update_bytes, staged / sparse_update.RESULT_FILE)
-        if tb_events is not None:
-            shutil.copytree(tb_events, staged / "tensorboard")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
-        (out_dir / sparse_update.RESULT_FILE).unlink(missing_ok=True)  # from an earlier job
-        for f in staged.iterdir():  # earlier files are replaced only once all new ones are ready
-            shutil.move(str(f), str(out_dir / f.name))
+        swap_in(Path(tmp) / "staged", out_dir)
     if dest:
         Path(dest).mkdir(parents=True, exist_ok=True)
         for name in ("best_model.pt", "best_model.json"):
             shutil.copy(out_dir / name, Path(dest) / name)
     print(f"best model of {job_name} job {job_id}: {out_dir / 'best_model.pt'}")
-    print(f"  round {best_round}, {key_metric} = {best_value} (untrained initial model: {info['initial_value']})")
+    print(f"  round {info['round']}, {info['key_metric']} = {info['value']} "
+          f"(untrained initial model: {info['initial_value']})")  # fmt: skip
+    print(f"  MONAI bundle: {out_dir / 'bundle'} (configs/metadata.json 'passport' says where it comes from)")
     return out_dir
 
 
-def network_spec(job_config: str) -> dict:
-    """The network the job trains (the server persistor's model), from a job_configs/<job> folder."""
+def submitted_job(result: Path, job_name: str, job_id: str) -> JobConfig:
+    """The job as submitted (the result's ``job/`` folder): its one app's configuration and code."""
+    job_root = result / "job"
+    apps = sorted(p.parent.parent for p in job_root.rglob(f"config/{SERVER_CONFIG}")) if job_root.is_dir() else []
+    job_dirs = sorted({app.parent for app in apps})
+    if len(job_dirs) != 1:
+        found = "none" if not job_dirs else ", ".join(str(d.relative_to(result)) for d in job_dirs)
+        raise AdminError(
+            f"job {job_id}: the downloaded result has no single job definition under job/ (found {found}); "
+            "cannot tell which network and settings it trained"
+        )
+    meta = job_dirs[0] / "meta.json"
+    name = json.loads(meta.read_text()).get("name") if meta.is_file() else None
+    if name and name != job_name:
+        raise AdminError(f"job {job_id} is a {name} job, not {job_name}: fetch it with JOB={name}")
     try:
-        return hcls_common.network_spec(Path(job_config, "config_fed_client.json"))
+        return JobConfig.from_job_folder(job_dirs[0])
     except ValueError as e:
-        raise AdminError(str(e)) from e
+        raise AdminError(f"job {job_id}: {e}") from e
 
 
-def _plain_state_dict(model_path: Path, network: dict) -> dict:
+def stage(result: Path, job_name: str, job_id: str, staged: Path) -> dict:
+    """Write every fetched file into ``staged`` from a downloaded job result; returns best_model.json's content."""
+    job = submitted_job(result, job_name, job_id)
+    try:
+        network, key_metric = job.network, job.key_metric
+    except ValueError as e:
+        raise AdminError(f"job {job_id}: {e}") from e
+    model_path = _find(result, "best_FL_global_model.pt")
+    if model_path is None:
+        raise AdminError(
+            f"job {job_id} has no best model (best_FL_global_model.pt): the server keeps one only after a "
+            f"round > 0 reports {key_metric or 'the key metric'}; run more rounds"
+        )
+    best_round, best_value = _best_from_log(result)
+    tb_events = _find(result, "tb_events")
+    staged.mkdir()
+    state_dict = _plain_state_dict(model_path, job)
+    import torch
+
+    torch.save(state_dict, staged / "best_model.pt")
+    info = {
+        "job": job_name,
+        "job_id": job_id,
+        "round": best_round,
+        "key_metric": key_metric,
+        "value": best_value,
+        "initial_value": _initial_metric(tb_events, key_metric),
+        "network": network,
+        "job_digest": job.digest(),
+        "sha256": hashlib.sha256((staged / "best_model.pt").read_bytes()).hexdigest(),
+        "nvflare_version": _nvflare_version(),
+        "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (staged / "best_model.json").write_text(json.dumps(info, indent=2) + "\n")
+    cross_site = _find(result, "cross_val_results.json")
+    if cross_site is not None:
+        shutil.copy(cross_site, staged / "cross_site_val.json")
+    update_bytes = _find(result, sparse_update.RESULT_FILE)  # bytes each site sent per round, dense vs sent
+    if update_bytes is not None:
+        shutil.copy(update_bytes, staged / sparse_update.RESULT_FILE)
+    if tb_events is not None:
+        shutil.copytree(tb_events, staged / "tensorboard")
+    try:
+        passport = bundle.passport_from_result(result, job, job_name, job_id)
+        bundle.write_bundle(job, state_dict, passport, staged / "bundle", job_name=job_name)
+    except bundle.BundleError as e:
+        raise AdminError(f"job {job_id}: no MONAI bundle: {e}") from e
+    return info
+
+
+def swap_in(staged: Path, out_dir: Path) -> None:
+    """Replace ``out_dir``'s fetched files by the complete ``staged`` set (called only once it is complete)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / sparse_update.RESULT_FILE).unlink(missing_ok=True)  # from an earlier job
+    shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)  # an earlier job's, even if this one has none
+    for f in staged.iterdir():
+        target = out_dir / f.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        shutil.move(str(f), str(target))
+
+
+def _plain_state_dict(model_path: Path, job: JobConfig) -> dict:
     import numpy as np
     import torch
 
@@ -209,8 +252,14 @@ def _plain_state_dict(model_path: Path, network: dict) -> dict:
             "the plaintext model; only a site's client_context.tenseal can decrypt it"
         )
     state_dict = {k: torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v for k, v in weights.items()}
-    net = hcls_common.build_network_from_spec(network)
-    net.load_state_dict(state_dict, strict=True)  # proves it loads before anything is written
+    try:
+        net = job.build_network()
+    except (ImportError, AttributeError, TypeError) as e:
+        raise AdminError(f"cannot build the job's network {job.network['path']}: {e}") from e
+    try:
+        net.load_state_dict(state_dict, strict=True)  # proves it loads before anything is written
+    except RuntimeError as e:
+        raise AdminError(f"{model_path.name} does not load into the job's network {job.network['path']}: {e}") from e
     return net.state_dict()
 
 
@@ -273,7 +322,6 @@ def main(argv=None) -> int:
     f = sub.add_parser("fetch")
     f.add_argument("--kit", required=True)
     f.add_argument("--job", required=True)
-    f.add_argument("--job-config", required=True)
     f.add_argument("--out", required=True)
     f.add_argument("--job-id", default="")
     f.add_argument("--dest", default="")
@@ -287,7 +335,7 @@ def main(argv=None) -> int:
             with session(a.kit) as sess:
                 wait_job(sess, a.job_id)
         elif a.cmd == "fetch":
-            fetch(a.kit, a.job, a.job_config, a.out, a.job_id, a.dest)
+            fetch(a.kit, a.job, a.out, a.job_id, a.dest)
         else:
             status(a.kit)
     except AdminError as e:

@@ -67,6 +67,19 @@ def test_tiny_cxr_job_trains_and_its_best_model_loads_strictly(deployed, env, tm
     assert set(cross_site) == {"hospital_a", "hospital_b"}
     assert all("val_auc" in json.dumps(results) for results in cross_site.values())
 
+    # The hand-off: a MONAI bundle whose passport says where the model comes from (tests/unit/test_bundle.py runs one).
+    bundle = models / "bundle"
+    passport = json.loads((bundle / "configs" / "metadata.json").read_text())["passport"]
+    assert passport["job_id"] == job_id and passport["best"]["value"]["round"] == 1
+    assert passport["job_digest"]["value"] == info["job_digest"]
+    assert passport["model_sha256"] == hashlib.sha256((bundle / "models" / "model.pt").read_bytes()).hexdigest()
+    sites = passport["sites"]["value"]
+    assert {s: sites[s]["n_train"]["value"] for s in sites} == {"hospital_a": 24, "hospital_b": 24}
+    assert passport["rounds"]["value"]["contributors"] == {"0": ["hospital_a", "hospital_b"],
+                                                           "1": ["hospital_a", "hospital_b"]}  # fmt: skip
+    assert set(passport["cross_site_validation"]["value"]) == {"hospital_a", "hospital_b"}
+    assert all(sites[s]["dp_epsilon_spent"]["value"] is None for s in sites)
+
 
 def test_bad_input_is_named_and_changes_nothing(deployed, env):
     models = Path(env["MODELS_DIR"]) / "cxr_classification" / "best_model.pt"
