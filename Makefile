@@ -11,7 +11,7 @@ WAIT ?=
 DEST ?=
 KEEP ?=
 HE ?=
-INVENTORY ?= ansible/inventories/local/hosts.yml
+INVENTORY ?= ansible/inventories/local/hosts.sh
 export INVENTORY := $(abspath $(INVENTORY))
 
 VENV := .venv/.installed
@@ -56,8 +56,12 @@ image-airgapped: $(VENV) ## Build the participant image with no registry: deboot
 	scripts/build_image.sh airgapped
 
 .PHONY: compose-prepare
-compose-prepare: $(VENV) ## Lay out kits, local/ and compose.env for docker/docker-compose.flare.yml
+compose-prepare: $(VENV) ## Single-node container stack: every participant as a compose service (Ansible), admin console, TensorBoard
 	scripts/compose_prepare.sh
+
+.PHONY: compose-down
+compose-down: $(VENV) ## Stop the single-node container stack; workspaces and data stay
+	scripts/compose_prepare.sh down
 
 .PHONY: tensorboard
 tensorboard: $(VENV) ## Serve TensorBoard for the latest fetched run of JOB on port 6006

@@ -9,7 +9,7 @@ WORK=$HCLS_WORKSPACE
 MODELS_DIR=${MODELS_DIR:-$REPO/models}
 PROJECT_YML=$REPO/provision/project.yml
 PROVISION_DIR=$WORK/provision
-INVENTORY=${INVENTORY:-$REPO/ansible/inventories/local/hosts.yml}
+INVENTORY=${INVENTORY:-$REPO/ansible/inventories/local/hosts.sh}
 export PATH=$VENV/bin:$PATH
 export PYTHONPATH=$REPO/custom${PYTHONPATH:+:$PYTHONPATH}
 

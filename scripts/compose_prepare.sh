@@ -1,62 +1,72 @@
 #!/usr/bin/env bash
-# Prepare the single-node stack docker/docker-compose.flare.yml (make compose-prepare):
-#   workspace/compose/<participant>/  kit + local/ rendered with the Ansible role's templates
-#   workspace/compose/admin/          the project admin's kit
-#   workspace/compose/compose.env     image, workspaces, each site's data (workspace/data/<site>, or
-#                                     HOSPITAL_A_DATA=... for real data), job folders, uid, GPUs
-# Re-running updates kits and local/ in place: job runs and the server's job storage stay.
-# Then: docker compose --env-file workspace/compose/compose.env -f docker/docker-compose.flare.yml up -d
+# The single-node container stack (make compose-prepare): scripts/compose_prepare.sh [down]
+#  1. Every server and client of provision/project.yml becomes a compose service on this machine, deployed
+#     by ansible/deploy.yml (the playbook of `make deploy`) over ansible/inventories/compose/hosts.sh:
+#     the role flare_participant validates, lays out workspace/compose/<participant>/ (kit, local/ rendered
+#     from site_configs/, compose.yml, flarectl.sh), creates the Docker network, starts each participant
+#     and waits until the server listens and every site has registered. Sites and admin reach the server
+#     on that network by its participant name, so the kits must dial it: make provision SERVER_HOST=<it>.
+#     Each site's data: workspace/data/<site> (make data), or <SITE>_DATA=<dir> (HOSPITAL_A_DATA=...).
+#  2. The console, docker/docker-compose.console.yml (project flare-console): flare-admin with the project
+#     admin's kit (workspace/compose/admin) and the built job folders (workspace/jobs, read-only), and
+#     flare-tensorboard on port 6006 over the server's workspace; settings in workspace/compose/console.env.
+# Re-running changes nothing that is up to date (Ansible reports changed=0; a changed kit or site
+# configuration restarts only that participant); job runs and the server's job storage stay.
+# down: stops the console and every participant (docker-compose down) and removes their network when
+# nothing else uses it; workspaces and data stay.
+# Day-2 operations: make status|logs|stop|deploy INVENTORY=ansible/inventories/compose/hosts.sh [SITE=...].
+# A Docker engine must answer (DOCKER_HOST; scripts/docker_engine.sh start runs a private one).
 source "$(dirname "$0")/common.sh"
-COMPOSE_FILE=$REPO/docker/docker-compose.flare.yml
+export INVENTORY=$REPO/ansible/inventories/compose/hosts.sh
 out=$WORK/compose
+console=(docker-compose -p flare-console --env-file "$out/console.env" -f "$REPO/docker/docker-compose.console.yml")
+
+docker info >/dev/null 2>&1 || die "no Docker engine answers ('docker info'): scripts/docker_engine.sh start starts a" \
+  "private one (then export DOCKER_HOST=unix:///run/hcls-docker/docker.sock)"
+
+case ${1:-} in
+  down)
+    if [[ -f $out/console.env ]]; then "${console[@]}" down --timeout 20; fi
+    "$REPO/scripts/control.sh" stop
+    network=$(sed -n 's/^FLARE_NETWORK=//p' "$out/console.env" 2>/dev/null) || true
+    if [[ -n $network ]]; then docker network rm "$network" >/dev/null 2>&1 || true; fi   # when nothing else uses it
+    exit ;;
+  "") ;;
+  *) die "usage: $0 [down]" ;;
+esac
+
 kits=$(latest_kit_root)
 server=$(project_yml '.participants[] | select(.type == "server") | .name')
-clients=$(project_yml '.participants[] | select(.type == "client") | .name')
+admin_kit=$kits/$(admin_name)
+dials=$(jq -r '.servers[0].service.target // .admin.host' "$admin_kit/startup/fed_admin.json" | cut -d: -f1)
+[[ $dials == "$server" ]] || die "$admin_kit dials '$dials', but in the compose stack the server is reachable as" \
+  "'$server': provision with 'make provision SERVER_HOST=$server'"
 
-# Sites and admin reach the server as the compose service named like it.
-for p in $clients "$(admin_name)"; do
-  f=$kits/$p/startup/fed_client.json
-  [[ -f $f ]] || f=$kits/$p/startup/fed_admin.json
-  dials=$(jq -r '.servers[0].service.target // .admin.host' "$f" | cut -d: -f1)
-  [[ $dials == "$server" ]] || die "$f: $p dials '$dials', but in the compose stack the server is the service" \
-    "'$server': provision with 'make provision SERVER_HOST=$server'"
-done
+# 1. The participants, by the role (its validation also checks every site's kit and data).
+"$REPO/scripts/deploy.sh"
 
-# Each site's data on this machine, and its GPUs.
-env_lines=()
-for site in $clients; do
-  var=$(tr 'a-z-' 'A-Z_' <<<"$site")
-  name=${var}_DATA
-  data=${!name:-$WORK/data/$site}
-  [[ -d $data ]] || die "$site: data directory $data does not exist ('make data', or ${var}_DATA=<dir>)"
-  gpus=$(jq -r '.gpu_ids // [] | map(tostring) | join(",")' "$REPO/site_configs/site_$site/local_config.json")
-  env_lines+=("${var}_DATA=$(cd "$data" && pwd)" "${var}_GPUS=${gpus:-none}")
-done
-
-mkdir -p "$out"
-(cd "$REPO/docker" && ansible-playbook -i "$(echo $server $clients | tr ' ' ,)," compose_workspaces.yml \
-  -e "flare_kit_root=$kits" -e "compose_workspaces=$out") >"$out/prepare.log" \
-  || die "rendering the compose workspaces failed; the end of $out/prepare.log:
-$(tail -n 20 "$out/prepare.log")"
-mkdir -p "$out/admin"
-cp -a "$kits/$(admin_name)/." "$out/admin/"
-mkdir -p "$WORK/jobs"
-
-# The image's user (uid 2710) owns the workspaces when root prepares them; otherwise the caller does.
-if (( EUID == 0 )); then uid=2710 gid=2710; chown -R "$uid:$gid" "$out"; else uid=$(id -u) gid=$(id -g); fi
-sites=$(wc -w <<<"$clients")
-{
-  echo "FLARE_IMAGE=$("$REPO/scripts/build_image.sh" tag)"
-  echo "FLARE_WORKSPACES=$out"
-  echo "FLARE_JOBS=$WORK/jobs"
-  echo "FLARE_UID=$uid"
-  echo "FLARE_GID=$gid"
-  echo "OMP_NUM_THREADS=$(( $(nproc) > sites ? $(nproc) / sites : 1 ))"   # the sites share this machine's cores
-  printf '%s\n' "${env_lines[@]}"
-} >"$out/compose.env"
-
-docker-compose --env-file "$out/compose.env" -f "$COMPOSE_FILE" config -q 2>"$out/config.err" \
-  || die "$COMPOSE_FILE is invalid: $(cat "$out/config.err")"
-echo "compose workspaces in $out; start the stack with:"
-echo "  docker network create imaging-network   # once"
-echo "  docker compose --env-file $out/compose.env -f $COMPOSE_FILE up -d"
+# 2. The console, as the owner of the server's workspace, on the participants' network.
+server_ws=$out/$server
+uid=$(stat -c %u "$server_ws") gid=$(stat -c %g "$server_ws")
+image=$(yq -r '.services[].image' "$server_ws/compose.yml")
+network=$(yq -r '(.networks // {})[].name' "$server_ws/compose.yml")
+[[ -n $network && $network != null ]] || die "$server_ws/compose.yml joins no Docker network: the compose inventory" \
+  "must set flare_participant_compose_network"
+mkdir -p "$out/admin" "$WORK/jobs"
+cp -a "$admin_kit/." "$out/admin/"
+chown -R "$uid:$gid" "$out/admin"
+cat >"$out/console.env" <<EOF
+FLARE_IMAGE=$image
+FLARE_NETWORK=$network
+FLARE_UID=$uid
+FLARE_GID=$gid
+FLARE_ADMIN_KIT=$out/admin
+FLARE_JOBS=$WORK/jobs
+FLARE_SERVER_WORKSPACE=$server_ws
+EOF
+"${console[@]}" config -q 2>"$out/console.err" || die "docker/docker-compose.console.yml is invalid: $(cat "$out/console.err")"
+"${console[@]}" up -d 2>"$out/console.err" || die "starting the console failed: $(cat "$out/console.err")"
+echo "compose stack up on network $network: participants in $out/<participant>, console containers flare-admin" \
+  "and flare-tensorboard (port ${TENSORBOARD_PORT:-6006})"
+echo "  docker exec -it flare-admin bash startup/fl_admin.sh    # job folders in /jobs (scripts/build_job.sh)"
+echo "  make status INVENTORY=$INVENTORY"

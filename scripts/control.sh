@@ -6,6 +6,7 @@ action=$1 site=${2:-} lines=${3:-50}
 if [[ -n $site ]]; then
   participants | grep -qx -- "$site" || die "unknown SITE '$site' (participants: $(participants | tr '\n' ' '))"
 fi
+export HCLS_PROJECT_YML=$PROJECT_YML   # for inventories that list the participants of project.yml (local/, compose/)
 cd "$REPO/ansible"
 ansible-playbook -i "$INVENTORY" control.yml -e "flare_action=$action" -e "flare_participant_log_lines=$lines" \
   ${site:+--limit "$site"}

@@ -3,8 +3,8 @@
 # without one:   scripts/docker_engine.sh start|stop|status
 # start runs Debian's dockerd (scripts/setup.sh installs it; this installs nothing) with its own
 # data root, exec root and socket, inside its own network namespace: the engine has no network
-# (builds are offline by construction) and the stack's published ports (8003, 8103, 6006) cannot
-# collide with a federation on this machine. No iptables rules (they would drop namespace traffic).
+# (builds are offline by construction) and the ports the single-node stack publishes (the server's of
+# provision/project.yml, TensorBoard's) cannot collide with a federation on this machine. No iptables rules (they would drop namespace traffic).
 # nsenter, not `ip netns exec`: that remounts /sys and hides the cgroup mounts dockerd needs.
 # Use it with:   export DOCKER_HOST=unix:///run/hcls-docker/docker.sock
 # stop stops it (images stay in the data root); nothing else is touched.

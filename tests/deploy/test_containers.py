@@ -1,8 +1,12 @@
-"""Containers on real parts: every compose file validated by docker-compose; then, where a Docker
-engine can start, the participant image built air-gapped (debootstrap root filesystem + local
-wheelhouse, no registry), the single-node stack docker/docker-compose.flare.yml brought up from it
-with freshly provisioned kits and tiny CXR data, a tiny job trained through the admin container,
-the containers checked with testinfra's docker backend, and everything torn down.
+"""Containers on real parts. Always: the console compose file validated by docker-compose, and the stack's
+inventory derived from provision/project.yml. Where a Docker engine can start: the participant image
+built air-gapped (debootstrap root filesystem + local wheelhouse, no registry), the single-node stack
+brought up by `make compose-prepare` (scripts/compose_prepare.sh: ansible/deploy.yml over
+ansible/inventories/compose, every participant of project.yml a compose service rendered and started by
+the role flare_participant, on one Docker network; then the console of docker/docker-compose.console.yml)
+with freshly provisioned kits and tiny CXR data, a tiny job trained through the admin container, the
+containers checked with testinfra's docker backend, a second compose-prepare changing nothing, and
+everything torn down.
 
 The engine is scripts/docker_engine.sh's private one, in its own network namespace: the stack's
 published ports cannot collide with a federation on this machine.
@@ -12,18 +16,25 @@ import json
 import os
 import re
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
 import testinfra
+import yaml
+from conftest import recap
 
 REPO = Path(__file__).resolve().parents[2]
-COMPOSE = REPO / "docker" / "docker-compose.flare.yml"
-GPU_OVERLAY = REPO / "docker" / "docker-compose.gpu.yml"
-PROJECT = "hcls-test"
-NETWORK = "imaging-network"
+CONSOLE = REPO / "docker" / "docker-compose.console.yml"
+COMPOSE_INVENTORY = REPO / "ansible" / "inventories" / "compose" / "hosts.sh"
+LOCAL_INVENTORY = REPO / "ansible" / "inventories" / "local" / "hosts.sh"
 ENGINE_NETNS = "/run/netns/hcls-docker"  # scripts/docker_engine.sh
+# Participants and ports come from provision/project.yml, as everywhere else.
+PROJECT = yaml.safe_load((REPO / "provision" / "project.yml").read_text())
+SERVER = next(p for p in PROJECT["participants"] if p["type"] == "server")
+SITES = [p["name"] for p in PROJECT["participants"] if p["type"] == "client"]
+FL_PORTS = sorted({SERVER["fed_learn_port"], SERVER.get("admin_port", SERVER["fed_learn_port"])})
+ADMIN = next(p["name"] for p in PROJECT["participants"] if p.get("role") == "project_admin")
 # The test image installs a CPU build of torch (in pip's find-links on these machines, ~200 MB) instead
 # of the pinned CUDA build (~5 GB) so that it builds in a few minutes; torchvision, which needs the
 # pinned torch, is left out (the CXR job does not use it). nvflare and MONAI are requirements.txt's.
@@ -36,7 +47,7 @@ SUBMIT = """
 import shutil, sys, tempfile
 from nvflare.fuel.flare_api.flare_api import new_secure_session
 job = shutil.copytree(sys.argv[1], tempfile.mkdtemp() + "/job")  # the API signs the folder it submits
-session = new_secure_session("admin@hcls-ai-factory.org", "/workspace", timeout=60)
+session = new_secure_session(sys.argv[3], "/workspace", timeout=60)
 try:
     job_id = session.submit_job(job)
     print("job id", job_id, flush=True)
@@ -45,11 +56,16 @@ try:
 finally:
     session.close()
 """
-# Values for every variable the compose files require, to validate them without a prepared stack.
+# Values for every variable the console file requires, to validate it without a prepared stack.
 CONFIG_ENV = {
-    "FLARE_IMAGE": "hcls-flare:test", "FLARE_WORKSPACES": "/srv/flare", "FLARE_JOBS": "/srv/jobs",
-    "HOSPITAL_A_DATA": "/srv/data/a", "HOSPITAL_B_DATA": "/srv/data/b", "HOSPITAL_A_GPUS": "0", "HOSPITAL_B_GPUS": "1",
+    "FLARE_IMAGE": "hcls-flare:test", "FLARE_NETWORK": "hcls-test", "FLARE_ADMIN_KIT": "/srv/admin",
+    "FLARE_JOBS": "/srv/jobs", "FLARE_SERVER_WORKSPACE": "/srv/flare-server",
 }  # fmt: skip
+
+
+def container(participant: str) -> str:
+    """The container of a participant, as the role names it."""
+    return f"flare-{participant}"
 
 
 def sh(*cmd, env=None, check=True, timeout=900, stdin=None) -> subprocess.CompletedProcess:
@@ -67,24 +83,33 @@ def compose_config(*files: Path) -> subprocess.CompletedProcess:
 
 
 def test_every_compose_file_is_valid():
-    assert compose_config(COMPOSE).returncode == 0, compose_config(COMPOSE).stderr
-    both = compose_config(COMPOSE, GPU_OVERLAY)
-    assert both.returncode == 0, both.stderr
+    result = compose_config(CONSOLE)
+    assert result.returncode == 0, result.stderr
     files = sorted(p.name for p in (REPO / "docker").glob("docker-compose*.yml"))
-    assert files == sorted([COMPOSE.name, GPU_OVERLAY.name])  # a new compose file gets validated here too
+    assert files == [CONSOLE.name]  # a new compose file gets validated here too
+    for name in [SERVER["name"], *SITES, *map(str, FL_PORTS)]:  # participants are the role's to describe
+        assert name not in CONSOLE.read_text()
 
 
 def test_an_invalid_key_is_named(tmp_path):
-    broken = tmp_path / COMPOSE.name
-    server = "    container_name: flare-server\n"
-    broken.write_text(COMPOSE.read_text().replace(server, server + "    restart_policy: always\n"))
+    broken = tmp_path / CONSOLE.name
+    admin = "    container_name: flare-admin\n"
+    broken.write_text(CONSOLE.read_text().replace(admin, admin + "    restart_policy: always\n"))
     result = compose_config(broken)
     assert result.returncode != 0 and "restart_policy" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("inventory", [COMPOSE_INVENTORY, LOCAL_INVENTORY], ids=["compose", "local"])
+def test_the_inventories_list_the_participants_of_project_yml(inventory):
+    ansible_inventory = Path(sys.executable).parent / "ansible-inventory"
+    listed = json.loads(sh(ansible_inventory, "-i", inventory, "--list", timeout=60).stdout)
+    assert listed["flare_server"]["hosts"] == [SERVER["name"]]
+    assert listed["flare_clients"]["hosts"] == SITES
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """The air-gapped image, and the stack up with prepared kits and tiny CXR data; torn down at the end."""
+    """The air-gapped image, and the stack up (make compose-prepare) with kits and tiny CXR data; torn down at the end."""
     already_running = sh(REPO / "scripts" / "docker_engine.sh", "status", check=False).returncode == 0
     started = sh(REPO / "scripts" / "docker_engine.sh", "start", check=False, timeout=120)
     if started.returncode != 0:
@@ -94,13 +119,11 @@ def stack(tmp_path_factory):
     os.environ["DOCKER_HOST"] = docker_host  # for testinfra's docker backend
     work = tmp_path_factory.mktemp("containers")
     env = {**os.environ, "HCLS_WORKSPACE": str(work / "workspace"), "TORCH_REQUIREMENT": TEST_TORCH,
-           "SERVER_HOST": "flare-server", "OMP_NUM_THREADS": "1", **TINY_CXR}  # fmt: skip
-    compose_env = work / "workspace" / "compose" / "compose.env"
-    compose = ["docker-compose", "-p", PROJECT, "--env-file", compose_env, "-f", COMPOSE]
+           "SERVER_HOST": SERVER["name"], **TINY_CXR}  # fmt: skip
     try:
-        sh("docker", "rm", "-f", "flare-server", "flare-hospital-a", "flare-hospital-b", "flare-admin",
-           "flare-tensorboard", env=env, check=False)  # fmt: skip  (left by a crashed run)
-        sh("docker", "network", "rm", NETWORK, env=env, check=False)
+        leftovers = sh("docker", "ps", "-aq", "--filter", "name=^flare-", env=env).stdout.split()  # a crashed run's
+        if leftovers:
+            sh("docker", "rm", "-f", *leftovers, env=env)
         # Cold: debootstrap ~1-2 min, wheelhouse ~15 s, docker build ~3-4 min on 2 idle cores; then cached by build key.
         sh(REPO / "scripts" / "build_image.sh", "airgapped", env=env, timeout=1800)
         sh(REPO / "scripts" / "provision.sh", env=env)
@@ -108,17 +131,18 @@ def stack(tmp_path_factory):
         profile = work / "tiny.json"
         profile.write_text(json.dumps(TINY_PROFILE))
         sh(REPO / "scripts" / "build_job.sh", "cxr_classification", profile, env=env)
-        sh(REPO / "scripts" / "compose_prepare.sh", env=env)
-        sh("docker", "network", "create", NETWORK, env=env)
-        sh(*compose, "up", "-d", env=env, timeout=300)
+        first = sh(REPO / "scripts" / "compose_prepare.sh", env=env, timeout=600)
         image = sh(REPO / "scripts" / "build_image.sh", "tag", env=env).stdout.strip()
-        yield {"env": env, "work": work, "image": image}
+        compose = work / "workspace" / "compose"
+        network = yaml.safe_load((compose / SERVER["name"] / "compose.yml").read_text())["networks"]
+        yield {"env": env, "work": work, "compose": compose, "image": image, "first": first,
+               "network": next(iter(network.values()))["name"]}  # fmt: skip
     finally:
-        if compose_env.exists():
-            logs = sh(*compose, "logs", "--tail", "30", env=env, check=False).stdout
-            print(logs[-8000:])
-            sh(*compose, "down", "--timeout", "20", env=env, check=False, timeout=300)
-        sh("docker", "network", "rm", NETWORK, env=env, check=False)
+        for name in [SERVER["name"], *SITES, "admin", "tensorboard"]:
+            print(f"--- {container(name)}\n" + sh("docker", "logs", "--tail", "30", container(name), env=env, check=False).stdout)
+        down = sh(REPO / "scripts" / "compose_prepare.sh", "down", env=env, check=False, timeout=300)
+        print(down.stdout[-3000:], down.stderr[-3000:])
+        sh("docker", "network", "rm", "hcls-flare", env=env, check=False)
         if saved_docker_host is None:
             os.environ.pop("DOCKER_HOST", None)
         else:
@@ -127,13 +151,16 @@ def stack(tmp_path_factory):
             sh(REPO / "scripts" / "docker_engine.sh", "stop", check=False, timeout=120)
 
 
-def wait_for_log(container: str, text: str, env: dict, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in sh("docker", "logs", container, env=env, check=False).stdout:
-            return
-        time.sleep(2)
-    raise AssertionError(f"{container}: no '{text}' in its log within {timeout} s")
+def test_compose_prepare_deployed_every_participant_with_the_role(stack):
+    hosts = recap(stack["first"].stdout)
+    assert set(hosts) == {SERVER["name"], *SITES}, stack["first"].stdout
+    assert all(changed > 0 and unreachable == failed == 0 for changed, unreachable, failed in hosts.values())
+    for name in [SERVER["name"], *SITES]:
+        service = yaml.safe_load((stack["compose"] / name / "compose.yml").read_text())["services"]
+        (spec,) = service.values()
+        assert "network_mode" not in spec and spec["networks"][stack["network"]]["aliases"] == [name]
+        assert spec["container_name"] == container(name) and spec["user"] == "2710:2710"
+        assert spec.get("ports", []) == ([f"{p}:{p}" for p in FL_PORTS] if name == SERVER["name"] else [])
 
 
 def test_the_image_was_built_without_a_registry(stack):
@@ -141,7 +168,7 @@ def test_the_image_was_built_without_a_registry(stack):
     assert image["Config"]["User"] == "flare"
     history = sh("docker", "history", "--format", "{{.Comment}}", stack["image"], env=stack["env"]).stdout.split("\n")
     assert history[-2] == "Imported from -"  # the base layer came from `docker import` of a debootstrap tree
-    site = testinfra.get_host("docker://flare-hospital-a")
+    site = testinfra.get_host(f"docker://{container(SITES[0])}")
     versions = site.check_output(
         "python -c 'import nvflare, monai, torch; print(nvflare.__version__, monai.__version__, torch.__version__)'"
     )
@@ -150,20 +177,18 @@ def test_the_image_was_built_without_a_registry(stack):
 
 def test_tiny_cxr_job_completes_in_the_stack(stack):
     env = stack["env"]
-    for site in ("hospital_a", "hospital_b"):
-        wait_for_log(f"flare-{site.replace('_', '-')}", f"Successfully registered client:{site}", env)
-    out = sh("docker", "exec", "-i", "flare-admin", "python", "-", "/jobs/cxr_classification", "600",
+    out = sh("docker", "exec", "-i", "flare-admin", "python", "-", "/jobs/cxr_classification", "600", ADMIN,
              env=env, stdin=SUBMIT, timeout=700).stdout  # fmt: skip
     assert "status FINISHED:COMPLETED" in out, out
-    server_log = sh("docker", "logs", "flare-server", env=env).stdout
+    server_log = sh("docker", "logs", container(SERVER["name"]), env=env).stdout
     assert "Round 1 finished" in server_log
     job_id = re.search(r"job id (\S+)", out).group(1)
-    assert (stack["work"] / "workspace" / "compose" / "flare-server" / "storage" / "jobs-storage" / job_id).exists()
+    assert (stack["compose"] / SERVER["name"] / "storage" / "jobs-storage" / job_id).exists()
 
 
 def test_sites_run_as_the_service_user_with_read_only_data(stack):
-    for site in ("hospital_a", "hospital_b"):
-        host = testinfra.get_host(f"docker://flare-{site.replace('_', '-')}")
+    for site in SITES:
+        host = testinfra.get_host(f"docker://{container(site)}")
         assert host.user().name == "flare" and host.user().uid == 2710
         assert host.process.get(pid=1).comm == "docker-init"  # init: true
         python = host.process.filter(comm="python3")
@@ -171,23 +196,27 @@ def test_sites_run_as_the_service_user_with_read_only_data(stack):
         assert len(clients) == 1 and clients[0].user == "flare"
         key = host.file("/workspace/startup/client.key")
         assert key.mode == 0o600 and key.user == "flare"
-        assert "ro" in host.mount_point("/data/hcls").options
-        assert host.file("/data/hcls/chexpert/train.csv").exists
-        assert host.run("touch /data/hcls/written-by-a-job").rc != 0
+        data_root = str(stack["work"] / "workspace" / "data" / site)  # make data's; mounted at the same path
         site_config = json.loads(host.file("/workspace/local/site_config.json").content_string)
-        assert site_config["site_name"] == site and site_config["data_root"] == "/data/hcls"
+        assert site_config["site_name"] == site and site_config["data_root"] == data_root
+        assert "ro" in host.mount_point(data_root).options
+        assert host.file(f"{data_root}/chexpert/train.csv").exists
+        assert host.run(f"touch {data_root}/written-by-a-job").rc != 0
         assert host.file("/workspace/local/custom/site_privacy").is_directory
-        assert host.run("bash -c 'exec 3<>/dev/tcp/flare-server/8003'").rc == 0  # the server by its service name
+        port = SERVER["fed_learn_port"]
+        assert host.run(f"bash -c 'exec 3<>/dev/tcp/{SERVER['name']}/{port}'").rc == 0  # the server by its name
 
 
 def test_server_admin_and_tensorboard(stack):
-    server = testinfra.get_host("docker://flare-server")
+    server = testinfra.get_host(f"docker://{container(SERVER['name'])}")
     assert [p.user for p in server.process.filter(comm="python3") if "server_train" in p.args] == ["flare"]
     assert server.file("/workspace/startup/server.key").mode == 0o600
     assert "/workspace/storage" in server.file("/workspace/local/resources.json").content_string
 
     admin = testinfra.get_host("docker://flare-admin")
     assert admin.file("/workspace/startup/fed_admin.json").exists
+    assert admin.user().uid == 2710 and admin.file("/jobs/cxr_classification/meta.json").exists
+    assert admin.run("touch /jobs/written-by-the-admin").rc != 0
     assert not admin.process.filter(comm="python3")
 
     tensorboard = testinfra.get_host("docker://flare-tensorboard")
@@ -199,6 +228,18 @@ def test_server_admin_and_tensorboard(stack):
 def test_published_ports_answer_in_the_engines_namespace(stack):
     if not Path(ENGINE_NETNS).exists():
         pytest.skip("the engine is not scripts/docker_engine.sh's: its published ports are not probed")
-    for port in (8003, 8103, 6006):
+    for port in (*FL_PORTS, 6006):
         probe = sh("nsenter", f"--net={ENGINE_NETNS}", "bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}", check=False)
         assert probe.returncode == 0, f"port {port}: {probe.stderr}"
+
+
+def test_second_compose_prepare_changes_nothing_and_day2_operations_see_the_stack(stack):
+    env = stack["env"]
+    ids = {name: sh("docker", "inspect", "-f", "{{.Id}}", container(name), env=env).stdout for name in [SERVER["name"], *SITES]}
+    again = sh(REPO / "scripts" / "compose_prepare.sh", env=env, timeout=600)
+    assert recap(again.stdout) == {name: (0, 0, 0) for name in [SERVER["name"], *SITES]}, again.stdout
+    assert {name: sh("docker", "inspect", "-f", "{{.Id}}", container(name), env=env).stdout for name in ids} == ids
+
+    status = sh(REPO / "scripts" / "control.sh", "status", env={**env, "INVENTORY": str(COMPOSE_INVENTORY)}).stdout
+    for name in [SERVER["name"], *SITES]:
+        assert f"{name} running (container {container(name)}, healthy)" in status, status

@@ -75,6 +75,7 @@ def test_gpu_id_the_host_lacks_and_the_rendered_compose_service(deployed, tmp_pa
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["0"]
     assert service["restart"] == "unless-stopped" and service["healthcheck"]["test"][0] == "CMD"
     assert service["user"] == "2710:2710" and service["extra_hosts"] == [f"flare-server:{HOSTS['flare-server']}"]
+    assert service["network_mode"] == "host" and "ports" not in service  # no flare_participant_compose_network
 
 
 def test_compose_service_with_an_invalid_key(deployed, tmp_path):
