@@ -6,7 +6,15 @@ Run by NVFlare's ClientAPIExecutor from the job's app directory on a site::
 
 Hyper-parameters, the network and the key metric come from the job (``hcls.job_config.JobConfig``);
 the data directory from the site config (``$HCLS_SITE_CONFIG``, key ``datasets.cxr_classification``).
-It holds CheXpert-format ``train.csv`` and ``val.csv`` whose ``Path`` column is relative to that directory.
+Its layout (``cxr_layouts``) is the project's own (``train.csv`` and ``val.csv`` whose ``Path`` column is relative
+to that directory and which carry every output label), CheXpert v1.0 as distributed, or NIH ChestX-ray14: detected
+from the files or named by the site (``dataset_layouts.cxr_classification``). ``trainer.label_sources`` says which
+CheXpert column / NIH finding feeds which output label; an output the site's layout does not feed is masked out of
+that site's loss and AUC. A patient with both training and validation rows stops the site.
+
+Check a site's data without training (no server, no NVFlare)::
+
+    HCLS_SITE_CONFIG=local/site_config.json python3 custom/cxr_classification.py --check --config CONFIG
 
 Label policy (CheXpert cell values):
 
@@ -30,8 +38,10 @@ Key metric (``val_auc`` in the job config): ROC AUC per label, averaged over the
 classes among their (unmasked) validation rows.
 """
 
-import csv
+import argparse
+import json
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -41,6 +51,10 @@ from monai.data import DataLoader, Dataset
 from monai.metrics import compute_roc_auc
 from monai.transforms import Compose, RandAffined
 
+from cxr_layouts import (  # noqa: F401 (parse_cell, encode_labels: the cell policy, used by tests)
+    POLICIES, Problem, check_label_sources, detect_layout, encode_labels, label_counts, parse_cell, raise_problems,
+    read_project_csv, read_site_data,
+)  # fmt: skip
 from hcls import client_loop, transform_config
 from hcls.components import build_by_name, build_optimizer
 from hcls.dp_sgd import make_private
@@ -49,95 +63,26 @@ from hcls.site_config import SiteConfig
 from hcls.training import Trainer, train_epochs
 
 JOB_NAME = "cxr_classification"
-POLICIES = {"ones": 1.0, "zeros": 0.0, "ignore": None}  # value given to an uncertain (-1) label; None = masked
 REQUIRED_KEYS = (
     "labels", "uncertain_label_policy", "image_size", "optimizer", "loss", "local_epochs", "batch_size",
     "num_workers", "max_train_samples", "max_val_samples", "seed",
 )  # fmt: skip
-MAX_REPORTED_ERRORS = 20
 
 
-# ---------------------------------------------------------------- CSV reading
-
-
-def parse_cell(value: str) -> float | None:
-    """A CheXpert label cell as 1.0, 0.0 or -1.0; None for blank; ValueError for anything else."""
-    if value.strip() == "":
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if number not in (1.0, 0.0, -1.0):
-        raise ValueError(f"value {value!r} is not one of 1.0, 0.0, -1.0 or blank")
-    return number
-
-
-def encode_labels(cells: list[float | None], policy: str) -> tuple[np.ndarray, np.ndarray]:
-    """Targets and loss mask (1 = used) for one row's parsed cells under ``policy``."""
-    uncertain_value = POLICIES[policy]
-    label, mask = [], []
-    for cell in cells:
-        if cell == -1.0:
-            label.append(uncertain_value or 0.0)
-            mask.append(0.0 if uncertain_value is None else 1.0)
-        else:
-            label.append(cell or 0.0)  # blank -> negative
-            mask.append(1.0)
-    return np.array(label, dtype=np.float32), np.array(mask, dtype=np.float32)
-
-
-def check_header(csv_path: Path, fieldnames: list[str] | None, labels: list[str]) -> None:
-    """ValueError if the CSV lacks the ``Path`` column or a configured label column."""
-    missing = [column for column in ["Path", *labels] if column not in (fieldnames or [])]
-    if missing:
-        raise ValueError(f"{csv_path}, row 1 (header): missing column(s) {', '.join(repr(c) for c in missing)}")
-
-
-def read_row(csv_path: Path, row: dict, labels: list[str], policy: str) -> dict:
-    """One dataset record (image path, label, mask) from a CSV row; ValueError on a bad cell or image."""
-    if not row["Path"]:
-        raise ValueError("column 'Path': empty")
-    image = csv_path.parent / row["Path"]
-    if not image.is_file():
-        raise ValueError(f"column 'Path': image file {image} does not exist")
-    cells = []
-    for column in labels:
-        try:
-            cells.append(parse_cell(row[column] or ""))
-        except ValueError as err:
-            raise ValueError(f"column {column!r}: {err}") from err
-    label, mask = encode_labels(cells, policy)
-    return {"image": str(image), "label": label, "mask": mask}
+# ---------------------------------------------------------------- CSV reading (the project layout)
 
 
 def read_label_csv(csv_path: Path, labels: list[str], policy: str, max_samples: int = 0) -> list[dict]:
-    """Validate the whole CSV, then return its first ``max_samples`` records (0 = all).
+    """Validate the whole project-layout CSV, then return its first ``max_samples`` records (0 = all).
 
     Only the ``Path`` and ``labels`` columns are taken from each row; the others are dropped as the row is read.
     """
-    if not csv_path.is_file():
-        raise ValueError(f"{csv_path}: CSV file not found")
-    records, errors = [], []
-    with open(csv_path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        check_header(csv_path, header, labels)
-        columns = {name: header.index(name) for name in ["Path", *labels]}
-        for cells in reader:
-            if not cells:
-                continue
-            row = {name: cells[i] if i < len(cells) else "" for name, i in columns.items()}
-            try:
-                records.append(read_row(csv_path, row, labels, policy))
-            except ValueError as err:
-                errors.append(f"{csv_path}, row {reader.line_num}, {err}")
-    if errors:
-        more = f"\n... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
-        raise ValueError("\n".join(errors[:MAX_REPORTED_ERRORS]) + more)
-    if not records:
+    problems: list[Problem] = []
+    split = read_project_csv(csv_path, labels, policy, problems)
+    raise_problems(problems)
+    if not split.records:
         raise ValueError(f"{csv_path}: no data rows, the dataset is empty")
-    return records[:max_samples] if max_samples > 0 else records
+    return split.records[:max_samples] if max_samples > 0 else split.records
 
 
 # ---------------------------------------------------------------- images
@@ -229,26 +174,96 @@ def load_settings(job: JobConfig) -> dict:
             f"{job.server_path}: the network's out_channels ({out_channels}) must be "
             f"len(trainer.labels) = {len(trainer['labels'])} ({job.client_path})"
         )
+    check_label_sources(trainer.get("label_sources"), trainer["labels"], job.client_path)
     return trainer
 
 
-def load_data(trainer: dict, data_dir: Path, blocked_fields=(), site_config="the site config") -> tuple[list, list]:
-    """Validated train and val records from ``data_dir``; a label among the site's ``blocked_fields`` is refused."""
+def site_layout(site: SiteConfig, data_dir: Path) -> tuple[str, str]:
+    """The layout of the site's CXR dataset and how it was chosen ("site config" or "detected")."""
+    named = (site.data.get("dataset_layouts") or {}).get(JOB_NAME)
+    return detect_layout(data_dir, named, site.path), "site config" if named else "detected"
+
+
+def read_data(trainer: dict, data_dir: Path, blocked_fields=(), site_config="the site config", layout=None):
+    """Every row of the site's dataset (``cxr_layouts.SiteData``, problems collected); a label or mapped source
+    column among the site's ``blocked_fields`` is refused."""
     labels, policy = trainer["labels"], trainer["uncertain_label_policy"]
-    blocked = [label for label in labels if label in blocked_fields]
+    layout = layout or detect_layout(data_dir, None, site_config)
+    label_sources = trainer.get("label_sources") or {}
+    sources = list(label_sources.get(layout, {})) if layout != "project" else []
+    blocked = [name for name in [*labels, *sources] if name in blocked_fields]
     if blocked:
         raise ValueError(
             f"trainer.labels names {', '.join(blocked)}, blocked by this site "
             f"({site_config}: privacy.blocked_data_fields): never loaded"
         )
-    train_records = read_label_csv(data_dir / "train.csv", labels, policy, trainer["max_train_samples"])
-    val_records = read_label_csv(data_dir / "val.csv", labels, policy, trainer["max_val_samples"])
-    return train_records, val_records
+    return read_site_data(data_dir, layout, labels, label_sources, policy, trainer.get("include_lateral", False))
+
+
+def load_data(trainer: dict, data_dir: Path, blocked_fields=(), site_config="the site config", layout=None):
+    """Validated train and val records from ``data_dir`` (its layout detected unless named); ValueError naming
+    file, row and column for every problem; then the first ``max_train_samples``/``max_val_samples`` (0 = all)."""
+    data = read_data(trainer, data_dir, blocked_fields, site_config, layout)
+    raise_problems(data.problems)
+    train, val = data.train.records, data.val.records
+    n_train, n_val = trainer["max_train_samples"], trainer["max_val_samples"]
+    return (train[:n_train] if n_train > 0 else train), (val[:n_val] if n_val > 0 else val)
+
+
+def check_data(job: JobConfig, site: SiteConfig) -> dict:
+    """What the site's CXR data gives the job, without training: layout, images, patients, per output label the
+    positives, negatives and masked rows of each split, the masked labels and every problem (file relative to the
+    dataset folder's parent, row, column). No patient identifier, image name or path beyond the dataset folder."""
+    summary = {"job": JOB_NAME, "ok": False, "dataset": None, "layout": None, "layout_from": None, "errors": []}
+    try:
+        trainer = load_settings(job)
+        data_dir = site.dataset_dir(JOB_NAME)
+        summary["dataset"] = data_dir.name
+        layout, summary["layout_from"] = site_layout(site, data_dir)
+        summary["layout"] = layout
+        data = read_data(trainer, data_dir, site.blocked_fields, site.path, layout)
+    except ValueError as err:
+        message, root = str(err), Path(site.data.get("data_root") or "/")
+        for prefix in {f"{root}/", f"{root.resolve()}/"}:
+            message = message.replace(prefix, "")  # paths from the dataset folder on
+        summary["errors"].append({"file": None, "row": None, "column": None, "error": message})
+        return summary
+    labels, base = trainer["labels"], data_dir.parent
+    splits = {}
+    for name, split in (("training", data.train), ("validation", data.val)):
+        splits[name] = {"file": Path(split.file).relative_to(base).as_posix(), "images": len(split.records),
+                        "patients": len({p for p in split.patients if p is not None})}  # fmt: skip
+        if layout == "chexpert":
+            splits[name]["laterals_skipped"] = split.laterals_skipped
+    train_counts, val_counts = label_counts(data.train.records, labels), label_counts(data.val.records, labels)
+    errors = [problem.summary(base) for problem in data.problems]
+    summary.update(ok=not errors, splits=splits)
+    summary["masked_labels"] = [label for label, source in zip(labels, data.sources, strict=True) if source is None]
+    summary["labels"] = {label: {"source": source, "training": train_counts[label], "validation": val_counts[label]}
+                         for label, source in zip(labels, data.sources, strict=True)}  # fmt: skip
+    summary["errors"] = summary.pop("errors") + errors  # last
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """``check_data``'s summary as JSON, one line per split, label and error."""
+    lines = []
+    for key, value in summary.items():
+        if isinstance(value, dict) and value or isinstance(value, list) and value and isinstance(value[0], dict):
+            items = value.items() if isinstance(value, dict) else [(None, item) for item in value]
+            inner = [(f"{json.dumps(k)}: " if k is not None else "") + json.dumps(v) for k, v in items]
+            brackets = "{}" if isinstance(value, dict) else "[]"
+            lines.append(f' {json.dumps(key)}: {brackets[0]}\n  ' + ",\n  ".join(inner) + f"\n {brackets[1]}")
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}"
 
 
 def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     trainer = load_settings(job)
-    train_records, val_records = load_data(trainer, site.dataset_dir(JOB_NAME), site.blocked_fields, site.path)
+    data_dir = site.dataset_dir(JOB_NAME)
+    layout, _ = site_layout(site, data_dir)
+    train_records, val_records = load_data(trainer, data_dir, site.blocked_fields, site.path, layout)
     train_loader = make_loader(train_records, trainer, train=True)
     val_loader = make_loader(val_records, trainer, train=False)
 
@@ -273,5 +288,19 @@ def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     )
 
 
+def check_main(argv: list[str]) -> int:
+    """``--check --config CONFIG``: print ``check_data`` as JSON (no training, no server, no NVFlare); exit 1 on
+    any problem."""
+    parser = argparse.ArgumentParser(description=f"{JOB_NAME}: check this site's data (HCLS_SITE_CONFIG)")
+    parser.add_argument("--check", action="store_true", required=True)
+    parser.add_argument("--config", type=Path, required=True, help="the job's client config (with a 'trainer' object)")
+    args = parser.parse_args(argv)
+    summary = check_data(JobConfig.from_client_config(args.config), SiteConfig.from_env())
+    print(format_summary(summary))
+    return 0 if summary["ok"] else 1
+
+
 if __name__ == "__main__":
+    if "--check" in sys.argv[1:]:
+        sys.exit(check_main(sys.argv[1:]))
     client_loop.main(JOB_NAME, build)

@@ -41,12 +41,36 @@ non-positive value, a seriesuid without an image in ``images/``, a nodule centre
 its volume, a list entry naming a missing, non-NIfTI (by extension or unreadable NIfTI
 header) or mismatched file, an empty split or one without any nodule.
 
+LUNA16 as distributed (detected when the data directory holds ``subset*/`` folders of ``.mhd``
+files and a top-level ``annotations.csv``; ``candidates.csv`` is not used):
+
+* ``subsetN/<seriesuid>.mhd`` + ``.raw``: MetaImage volumes, read by MONAI's ``ITKReader``
+  (``LoadImaged`` picks it by extension; needs the ``itk`` package). Their geometry
+  (``Offset``, ``ElementSpacing``, ``TransformMatrix``) is LPS; the reader hands the
+  pipeline the RAS affine, so boxes follow the same path as for NIfTI;
+* ``annotations.csv``: as above, at the top level;
+* the split is by subset number, from the site config's optional ``luna16_split``
+  (default ``{"train": [0, 1, 2, 3, 4, 5, 6, 7], "val": [8, 9]}``); every configured
+  subset folder must exist. Annotations of series whose ``.mhd`` lies in a subset outside
+  the split are not used (counted); one whose series has no ``.mhd`` in any ``subset*/``
+  folder is an error. A header whose ``.raw`` is missing or shorter than
+  ``DimSize x element size`` is an error naming the header.
+
+``python custom/lung_nodule_detection.py --check --config config/config_fed_client.json``
+(``HCLS_SITE_CONFIG`` set) prints ``check_data``'s summary (layout, series and nodules per
+split, problems with file and row; paths relative to the data directory, series uids
+replaced by their place on disk) and trains nothing.
+
 Key metric (``val_froc`` in the job config): mean sensitivity at ``trainer.froc_fps_per_scan`` false positives
 per scan, boxes matched at IoU >= 0.1 (see ``froc.py``), on whole validation volumes.
 """
 
 import csv
+import importlib.util
+import json
 import math
+import re
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -92,6 +116,12 @@ ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 ANNOTATIONS_CSV = "annotations/annotations.csv"
 SPLITS = {"train": ("train_data.json", "training"), "val": ("val_data.json", "validation")}
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+LUNA16_ANNOTATIONS_CSV = "annotations.csv"  # LUNA16 as distributed: at the top level, beside subset0/ .. subset9/
+LUNA16_DEFAULT_SPLIT = {"train": [0, 1, 2, 3, 4, 5, 6, 7], "val": [8, 9]}  # site config key "luna16_split"
+METAIMAGE_ELEMENT_SIZES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
+}  # fmt: skip
 CLASSIFICATION_LOSSES = ("focal", "bce")
 BOX_REGRESSION_LOSSES = ("smooth_l1",)
 DEFAULT_CROP_POS_NEG = (1, 1)  # MONAI's LUNA16 tutorial: half the patches centred on a nodule
@@ -139,6 +169,88 @@ def nifti_geometry(path: Path) -> tuple[np.ndarray, tuple[int, ...]]:
     return np.asarray(image.affine, dtype=np.float64), shape[:3]
 
 
+def read_metaimage_header(path: Path) -> dict[str, str]:
+    """``key = value`` fields of a MetaImage (.mhd) header; ValueError naming the file and line."""
+    fields = {}
+    try:
+        lines = path.read_text(errors="strict").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable MetaImage header: {err}") from err
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{path}, line {number}: expected 'Key = Value', got {line.strip()[:60]!r}")
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":  # the last field of a header
+            break
+    return fields
+
+
+def _numbers(path: Path, fields: dict, key: str, count: int, default=None, kind=float) -> list:
+    if key not in fields:
+        if default is None:
+            raise ValueError(f"{path}: header field {key!r} is missing")
+        return list(default)
+    try:
+        values = [kind(v) for v in fields[key].split()]
+    except ValueError:
+        values = []
+    if len(values) != count or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{path}: header field {key} = {fields[key]!r}: expected {count} numbers")
+    return values
+
+
+def metaimage_geometry(path: Path) -> tuple[np.ndarray, tuple[int, ...]]:
+    """RAS affine and 3D shape (x, y, z) of a MetaImage header, its data file checked.
+
+    MetaImage geometry is LPS: world = Offset + D @ (ElementSpacing * index), the columns of the
+    direction D being TransformMatrix's consecutive triples (as ITK reads it). The RAS affine negates
+    the x and y rows, as MONAI's ITKReader does. ValueError naming the header: not 3D, an unknown
+    ElementType, or an ElementDataFile that is missing or shorter than DimSize x element size.
+    """
+    fields = read_metaimage_header(path)
+    if fields.get("ObjectType", "Image") != "Image":
+        raise ValueError(f"{path}: header field ObjectType = {fields['ObjectType']!r}, expected 'Image'")
+    if fields.get("NDims") != "3":
+        raise ValueError(f"{path}: header field NDims = {fields.get('NDims')!r}, expected 3")
+    shape = tuple(int(v) for v in _numbers(path, fields, "DimSize", 3, kind=int))
+    if min(shape) < 1:
+        raise ValueError(f"{path}: header field DimSize = {fields['DimSize']!r}: sizes must be positive")
+    spacing = np.array(_numbers(path, fields, "ElementSpacing", 3, default=(1.0, 1.0, 1.0)))
+    if (spacing <= 0).any():
+        raise ValueError(f"{path}: header field ElementSpacing = {fields['ElementSpacing']!r}: must be positive")
+    origin = np.array(_numbers(path, fields, "Offset", 3, default=(0.0, 0.0, 0.0)))
+    direction = np.array(_numbers(path, fields, "TransformMatrix", 9, default=np.eye(3).ravel())).reshape(3, 3).T
+    if abs(np.linalg.det(direction)) < 1e-6:
+        raise ValueError(f"{path}: header field TransformMatrix = {fields['TransformMatrix']!r} is singular")
+    element_type = fields.get("ElementType")
+    if element_type not in METAIMAGE_ELEMENT_SIZES:
+        raise ValueError(f"{path}: header field ElementType = {element_type!r} is not a MetaImage scalar type")
+    channels = int(fields.get("ElementNumberOfChannels", "1"))
+    data_name = fields.get("ElementDataFile")
+    if not data_name or data_name == "LOCAL" or "%" in data_name or data_name.startswith("LIST"):
+        raise ValueError(f"{path}: header field ElementDataFile = {data_name!r}: expected the name of one .raw file")
+    data_file = path.parent / data_name
+    if not data_file.is_file():
+        raise ValueError(f"{path}: its data file {data_name} (ElementDataFile) does not exist")
+    if fields.get("CompressedData", "False").lower() != "true":
+        expected = int(np.prod(shape)) * channels * METAIMAGE_ELEMENT_SIZES[element_type]
+        header_size = max(int(fields.get("HeaderSize", "0")), 0)
+        actual = data_file.stat().st_size
+        if actual < expected + header_size:
+            raise ValueError(
+                f"{path}: its data file {data_name} holds {actual} bytes, fewer than DimSize {list(shape)} x "
+                f"{METAIMAGE_ELEMENT_SIZES[element_type]} bytes ({element_type}) = {expected + header_size}: truncated"
+            )
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    affine = np.eye(4)
+    affine[:3, :3] = lps_to_ras @ direction @ np.diag(spacing)
+    affine[:3, 3] = lps_to_ras @ origin
+    return affine, shape
+
+
 def voxel_box_corners(box: np.ndarray) -> np.ndarray:
     """Voxel-index boxes (voxel centres at integers) to MONAI box coordinates (voxel k spans [k, k+1])."""
     return box + 0.5
@@ -148,10 +260,14 @@ def voxel_box_corners(box: np.ndarray) -> np.ndarray:
 
 
 class _Geometries(dict):
-    """Cache of ``nifti_geometry`` by path (each header read once)."""
+    """Cache of ``nifti_geometry`` (``metaimage_geometry`` for LUNA16's layout) by path (each header read once)."""
+
+    def __init__(self, metaimage: bool = False):
+        super().__init__()
+        self.read = metaimage_geometry if metaimage else nifti_geometry
 
     def __missing__(self, path: Path):
-        self[path] = nifti_geometry(path)
+        self[path] = self.read(path)
         return self[path]
 
 
@@ -184,8 +300,15 @@ def parse_annotation(row: dict) -> tuple[str, np.ndarray, float]:
     return uid, np.array(values[:3]), values[3]
 
 
-def read_annotations(csv_path: Path, images_dir: Path, geometries: dict, errors: list[str]) -> dict[str, list]:
-    """Nodules by series uid: ``[(centre_lps_mm, diameter_mm), ...]``; row problems are appended to ``errors``."""
+def read_annotations(
+    csv_path: Path, images_dir: Path, geometries: dict, errors: list[str], resolve=None, unused: list | None = None
+) -> dict[str, list]:
+    """Nodules by series uid: ``[(centre_lps_mm, diameter_mm), ...]``; row problems are appended to ``errors``.
+
+    ``resolve(uid)``: the series' image, None for a series this site does not use (its row number goes to
+    ``unused``), ValueError for an unknown one; by default the NIfTI image in ``images_dir``.
+    """
+    resolve = resolve or (lambda uid: series_image(images_dir, uid))
     if not csv_path.is_file():
         raise ValueError(f"{csv_path}: annotations file not found")
     nodules: dict[str, list] = {}
@@ -200,7 +323,11 @@ def read_annotations(csv_path: Path, images_dir: Path, geometries: dict, errors:
         for row in reader:
             try:
                 uid, centre, diameter = parse_annotation(row)
-                image = series_image(images_dir, uid)
+                image = resolve(uid)
+                if image is None:
+                    if unused is not None:
+                        unused.append(reader.line_num)
+                    continue
                 affine, shape = geometries[image]
                 voxel = world_to_voxel(centre, affine)
                 if not inside_volume(voxel, shape):
@@ -251,18 +378,133 @@ def nodule_boxes(nodules: list) -> np.ndarray:
     return np.asarray(boxes, dtype=np.float32).reshape(-1, 6)
 
 
-def load_data(trainer: dict, data_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Validated train and val records ``{"image", "seriesuid", "box", "label"}`` from ``data_dir``."""
-    geometries, errors = _Geometries(), []
-    nodules = read_annotations(data_dir / ANNOTATIONS_CSV, data_dir / "images", geometries, errors)
-    splits = {
-        name: read_split(data_dir / file, key, data_dir, geometries, errors) for name, (file, key) in SPLITS.items()
-    }
+def detect_layout(data_dir: Path) -> str:
+    """``"luna16"`` (LUNA16 as distributed: ``subset*/`` folders of ``.mhd`` files and a top-level
+    ``annotations.csv``) or ``"nifti"`` (``images/``, ``annotations/annotations.csv``, split lists)."""
+    data_dir = Path(data_dir)
+    subsets = [p for p in data_dir.glob("subset*") if p.is_dir() and next(p.glob("*.mhd"), None) is not None]
+    return "luna16" if subsets and (data_dir / LUNA16_ANNOTATIONS_CSV).is_file() else "nifti"
+
+
+def luna16_split(site: SiteConfig) -> dict[str, list[int]]:
+    """The site's ``luna16_split`` (subset numbers per split), default ``LUNA16_DEFAULT_SPLIT``.
+
+    ValueError naming the site config if it is malformed."""
+    split = site.data.get("luna16_split", LUNA16_DEFAULT_SPLIT)
+    where = f"{site.path}: field 'luna16_split"
+    if not isinstance(split, dict) or set(split) != set(SPLITS):
+        raise ValueError(f"{where}' must be an object with the keys 'train' and 'val' (lists of subset numbers)")
+    for name, numbers in split.items():
+        if not isinstance(numbers, list) or not numbers:
+            raise ValueError(f"{where}.{name}' must be a non-empty list of subset numbers")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
+            raise ValueError(f"{where}.{name}' = {numbers!r}: subset numbers are integers >= 0")
+    shared = sorted(set(split["train"]) & set(split["val"]))
+    if shared:
+        raise ValueError(f"{where}': subset(s) {shared} are in both 'train' and 'val'")
+    return {name: list(split[name]) for name in SPLITS}
+
+
+def luna16_series(data_dir: Path, errors: list[str]) -> dict[str, tuple[int, Path]]:
+    """Every ``subsetN/<uid>.mhd`` in ``data_dir``: ``{uid: (N, path)}``; a uid in two subsets is an error."""
+    series: dict[str, tuple[int, Path]] = {}
+    folders = [
+        (int(m.group(1)), p) for p in data_dir.iterdir() if p.is_dir() and (m := re.fullmatch(r"subset(\d+)", p.name))
+    ]
+    for number, folder in sorted(folders):
+        for header in sorted(folder.glob("*.mhd")):
+            uid = header.stem
+            if uid in series:
+                errors.append(f"{header}: series {uid!r} is also in {series[uid][1]}")
+                continue
+            series[uid] = (number, header)
+    return series
+
+
+def scan_data(data_dir: Path, split: dict | None = None) -> dict:
+    """Every check of the data directory, nothing loaded but headers: ``{"layout", "splits": {name: [{"image",
+    "seriesuid"}]}, "nodules": {uid: [(centre, diameter)]}, "annotation_rows", "unused_rows", "errors", "series"}``.
+
+    ``split``: the LUNA16 subset numbers per split (``luna16_split``; default ``LUNA16_DEFAULT_SPLIT``).
+    Raises ValueError only for a problem that stops the scan (a missing annotations file or header, a split list).
+    """
+    data_dir = Path(data_dir)
+    layout = detect_layout(data_dir)
+    geometries, errors, unused = _Geometries(metaimage=layout == "luna16"), [], []
+    if layout == "nifti":
+        nodules = read_annotations(data_dir / ANNOTATIONS_CSV, data_dir / "images", geometries, errors)
+        splits = {
+            name: read_split(data_dir / file, key, data_dir, geometries, errors) for name, (file, key) in SPLITS.items()
+        }
+        images = sorted(p for p in (data_dir / "images").glob("*") if p.name.endswith(NIFTI_SUFFIXES))
+        on_disk = {p.name.removesuffix(".gz").removesuffix(".nii"): ("images", p) for p in images}
+    else:
+        split = split or LUNA16_DEFAULT_SPLIT
+        found, failed = luna16_series(data_dir, errors), set()
+        on_disk = {uid: (f"subset{n}", path) for uid, (n, path) in found.items()}
+        splits = {}
+        for name in SPLITS:
+            for number in split[name]:
+                if not (data_dir / f"subset{number}").is_dir():
+                    folder = data_dir / f"subset{number}"
+                    errors.append(f"{folder}: no such folder (subset {number} of luna16_split.{name})")
+            splits[name] = []
+            for uid, (number, header) in found.items():
+                if number not in split[name]:
+                    continue
+                try:
+                    geometries[header]
+                except ValueError as err:
+                    errors.append(str(err))
+                    failed.add(header)
+                    continue
+                splits[name].append({"image": str(header), "seriesuid": uid})
+            if not splits[name] and not errors:
+                errors.append(f"{data_dir}: the subsets {split[name]} of luna16_split.{name} hold no .mhd series")
+        configured = {n for numbers in split.values() for n in numbers}
+
+        def resolve(uid):
+            if uid not in found:  # a subset this site did not download: its rows are counted, not used
+                return None
+            number, header = found[uid]
+            if header in failed:
+                raise ValueError(f"column 'seriesuid': its series {header} is unusable (its header problem is above)")
+            return header if number in configured else None
+
+        nodules = read_annotations(data_dir / LUNA16_ANNOTATIONS_CSV, data_dir, geometries, errors, resolve, unused)
+    with open(data_dir / (ANNOTATIONS_CSV if layout == "nifti" else LUNA16_ANNOTATIONS_CSV), newline="") as f:
+        annotation_rows = max(sum(1 for line in f if line.strip()) - 1, 0)
+    return {
+        "layout": layout, "splits": splits, "nodules": nodules, "annotation_rows": annotation_rows,
+        "unused_rows": len(unused), "errors": errors, "series": on_disk,
+    }  # fmt: skip
+
+
+def split_source(data_dir: Path, layout: str, name: str, split: dict | None) -> str:
+    """Where a split's series come from, for messages: its list file, or its subsets."""
+    if layout == "nifti":
+        return f"{data_dir / SPLITS[name][0]}: no series of {SPLITS[name][1]!r}"
+    return f"{data_dir}: no series of subsets {(split or LUNA16_DEFAULT_SPLIT)[name]} (luna16_split.{name})"
+
+
+def load_data(trainer: dict, data_dir: Path, split: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """Validated train and val records ``{"image", "seriesuid", "box", "label"}`` from ``data_dir``.
+
+    ``split``: the LUNA16 subset numbers per split when ``data_dir`` is in LUNA16's own layout (``luna16_split``).
+    """
+    data_dir = Path(data_dir)
+    scan = scan_data(data_dir, split)
+    errors = scan["errors"]
     if errors:
         more = f"\n... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
         raise ValueError("\n".join(errors[:MAX_REPORTED_ERRORS]) + more)
-    records = {}
-    for name, series in splits.items():
+    if scan["layout"] == "luna16" and importlib.util.find_spec("itk") is None:
+        raise ValueError(
+            f"{data_dir}: LUNA16 MetaImage (.mhd) volumes are read by MONAI's ITKReader, which needs the "
+            "'itk' package; it is not installed"
+        )
+    nodules, records = scan["nodules"], {}
+    for name, series in scan["splits"].items():
         max_samples = trainer[f"max_{name}_samples"]
         series = series[:max_samples] if max_samples > 0 else series
         records[name] = [
@@ -271,12 +513,72 @@ def load_data(trainer: dict, data_dir: Path) -> tuple[list[dict], list[dict]]:
             for s in series
         ]  # fmt: skip
         if not any(len(r["label"]) for r in records[name]):
-            file, key = SPLITS[name]
+            annotations = data_dir / (ANNOTATIONS_CSV if scan["layout"] == "nifti" else LUNA16_ANNOTATIONS_CSV)
             raise ValueError(
-                f"{data_dir / file}: no series of {key!r} has a nodule in {data_dir / ANNOTATIONS_CSV}; "
+                f"{split_source(data_dir, scan['layout'], name, split)} has a nodule in {annotations}; "
                 "detection cannot be trained or evaluated on it"
             )
     return records["train"], records["val"]
+
+
+def check_data(job: JobConfig, site: SiteConfig) -> dict:
+    """The site's data checked as ``build`` checks it, nothing trained: layout, series and nodules per split,
+    annotation rows used / outside the split, and every problem with its file and row or entry.
+
+    Nothing in it reaches beyond the data directory: paths are relative to it, and series uids are replaced
+    by their place on disk (``subset3/<series 2>``: the second ``.mhd`` of ``subset3/`` in name order).
+    """
+    data_dir = site.dataset_dir(JOB_NAME)
+    layout = detect_layout(data_dir)
+    split = luna16_split(site) if layout == "luna16" else None
+    trainer = job.trainer()
+    summary = {"job": JOB_NAME, "layout": layout, "dataset": data_dir.name}
+    if split:
+        summary["luna16_split"] = split
+    try:
+        scan = scan_data(data_dir, split)
+    except ValueError as err:
+        scan, problems = None, [str(err)]
+    else:
+        problems = list(scan["errors"])
+        summary["splits"] = {}
+        for name, series in scan["splits"].items():
+            uids = [s["seriesuid"] for s in series]
+            n_nodules = sum(len(scan["nodules"].get(uid, [])) for uid in uids)
+            max_samples = trainer.get(f"max_{name}_samples", 0)
+            summary["splits"][name] = {
+                "series": len(uids), "nodules": n_nodules,
+                "series_with_nodules": sum(1 for uid in uids if scan["nodules"].get(uid)),
+                "series_used": min(len(uids), max_samples) if max_samples and max_samples > 0 else len(uids),
+            }  # fmt: skip
+            if not problems and n_nodules == 0:
+                problems.append(f"{split_source(data_dir, layout, name, split)} has a nodule")
+        used = sum(len(v) for v in scan["nodules"].values())
+        summary["annotations"] = {
+            "rows": scan["annotation_rows"], "used": used, "outside_split": scan["unused_rows"],
+        }  # fmt: skip
+        if layout == "luna16" and importlib.util.find_spec("itk") is None:
+            problems.append("reading .mhd needs the 'itk' package (MONAI's ITKReader); it is not installed")
+    summary["problems"] = [_redact(p, data_dir, scan) for p in problems]
+    summary["ok"] = not problems
+    return summary
+
+
+def _redact(message: str, data_dir: Path, scan: dict | None) -> str:
+    """``message`` with paths relative to ``data_dir`` and series uids replaced by their place on disk."""
+    message = message.replace(f"{data_dir}/", "").replace(str(data_dir), ".")
+    if scan:
+        places: dict[str, str] = {}
+        by_folder: dict[str, list] = {}
+        for uid, (folder, _) in sorted(scan["series"].items()):
+            by_folder.setdefault(folder, []).append(uid)
+        for folder, uids in by_folder.items():
+            for index, uid in enumerate(sorted(uids), start=1):
+                places[uid] = f"<series {index}>"
+        for uid in sorted(places, key=len, reverse=True):
+            message = message.replace(uid, places[uid])
+    # a uid that names no file on disk (an annotation row's): the row number locates it
+    return re.sub(r"\d+(\.\d+){4,}", "<seriesuid>", message)
 
 
 # ---------------------------------------------------------------- transforms
@@ -471,7 +773,9 @@ def load_settings(job: JobConfig) -> dict:
 
 def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     trainer = load_settings(job)
-    train_records, val_records = load_data(trainer, site.dataset_dir(JOB_NAME))
+    data_dir = site.dataset_dir(JOB_NAME)
+    split = luna16_split(site) if detect_layout(data_dir) == "luna16" else None
+    train_records, val_records = load_data(trainer, data_dir, split)
     train_loader = make_loader(train_records, trainer, train=True)
     val_loader = make_loader(val_records, trainer, train=False)
 
@@ -497,5 +801,20 @@ def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     )
 
 
+def check_main(argv: list[str]) -> int:
+    """``--check --config CONFIG``: print ``check_data`` as JSON (no training, no NVFlare); 1 if it found problems."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=f"{JOB_NAME}: check this site's data, train nothing")
+    parser.add_argument("--check", action="store_true", required=True)
+    parser.add_argument("--config", type=Path, required=True, help="the job's client config (with a 'trainer' object)")
+    args = parser.parse_args(argv)
+    summary = check_data(JobConfig.from_client_config(args.config), SiteConfig.from_env())
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["ok"] else 1
+
+
 if __name__ == "__main__":
+    if "--check" in sys.argv[1:]:
+        sys.exit(check_main(sys.argv[1:]))
     client_loop.main(JOB_NAME, build)

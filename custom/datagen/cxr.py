@@ -18,6 +18,19 @@ never load and a site's privacy policy blocks.
 The same arguments give byte-identical CSVs and identical images.
 
     python -m datagen.cxr --out DIR   (from custom/) --n-train 160 --n-val 60 --seed 1 --site-prefix A
+
+``--layout`` writes the same kind of data in a public dataset's own layout instead (``custom/cxr_layouts.py``
+reads them); a finding is drawn as the pattern of the job output it feeds (``trainer.label_sources`` of the job),
+so sites of different layouts teach the same network the same thing:
+
+* ``chexpert`` / ``chexpert-small``: ``OUT/CheXpert-v1.0[-small]/train.csv`` and ``valid.csv`` (``Path`` starting
+  with the folder name; ``Path, Sex, Age, Frontal/Lateral, AP/PA`` and the 14 observations; ``1.0``/``0.0``/
+  ``-1.0``/blank in train.csv, ``1.0``/``0.0`` in valid.csv; ``No Finding`` 1.0 or blank), a frontal image per
+  study and a lateral one for every third study, ``train/patientNNNNN/studyN/view1_frontal.jpg``;
+* ``nih``: ``OUT/Data_Entry_2017.csv`` (``|``-joined ``Finding Labels`` or ``No Finding``, one to three follow-ups
+  per patient), ``train_val_list.txt`` / ``test_list.txt`` (disjoint patients), PNGs in ``images_001/images/`` and
+  ``images_002/images/``; ``--n-train``/``--n-val`` count images;
+* ``project`` (the default): the layout above.
 """
 
 import argparse
@@ -30,7 +43,24 @@ from PIL import Image
 
 from ops import job_builder
 
-DEFAULT_LABELS = job_builder.resolve("cxr_classification")["client"]["trainer"]["labels"]  # the job's outputs
+JOB_TRAINER = job_builder.resolve("cxr_classification")["client"]["trainer"]
+DEFAULT_LABELS = JOB_TRAINER["labels"]  # the job's outputs
+LAYOUTS = ("project", "chexpert", "chexpert-small", "nih")
+CHEXPERT_FOLDER = {"chexpert": "CheXpert-v1.0", "chexpert-small": "CheXpert-v1.0-small"}
+CHEXPERT_COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
+CHEXPERT_OBSERVATIONS = [
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture",
+    "Support Devices",
+]  # fmt: skip
+NIH_FINDINGS = [
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+    "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+]  # fmt: skip
+NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+              "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"]  # fmt: skip
+LATERAL_EVERY = 3  # CheXpert: every third study also has a lateral view
+HEALTHY_RATE = 0.3  # CheXpert and NIH layouts: share of studies with no finding at all ("No Finding")
 EXTRA_COLUMNS = ["Sex", "Age", "Frontal/Lateral", "AP/PA"]
 IDENTIFIER_COLUMNS = ["PatientName", "PatientID", "PatientBirthDate"]
 LAST_NAMES = ["Smith", "Garcia", "Mueller", "Rossi", "Nguyen", "Kowalski", "Okafor", "Tanaka", "Silva", "Novak",
@@ -85,11 +115,15 @@ def pattern(shape: str, size: int, centre: tuple[float, float]) -> np.ndarray:
     return masks[shape].astype(np.float64)
 
 
-def render_image(findings: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """An 8-bit grayscale image with the pattern of every present finding."""
+def render_image(findings: np.ndarray, size: int, rng: np.random.Generator, outputs=None) -> np.ndarray:
+    """An 8-bit grayscale image with the pattern of every present finding; ``outputs[i]``: the index among
+    ``n`` job outputs whose pattern finding ``i`` draws (None: none), as ``(indices, n)``; default: itself."""
     image = chest_background(size, rng)
-    for index in np.flatnonzero(findings):
-        cx, cy = pattern_centre(index, len(findings))
+    indices, n_outputs = outputs or (list(range(len(findings))), len(findings))
+    for index in (indices[i] for i in np.flatnonzero(findings)):
+        if index is None:
+            continue
+        cx, cy = pattern_centre(index, n_outputs)
         jitter = rng.uniform(-0.015, 0.015, size=2)
         shape = SHAPES[(index + index // GRID_COLUMNS) % len(SHAPES)]
         image += SIGNAL * rng.uniform(0.8, 1.2) * pattern(shape, size, (cx + jitter[0], cy + jitter[1]))
@@ -148,6 +182,90 @@ def generate(out: Path, n_train: int, n_val: int, seed: int, size: int = 128,
     write_split(out, "val", sorted(patients[n_train:]), labels, size, site_prefix, seed, rng)
 
 
+def output_indices(layout: str, sources: list[str], labels: list[str] = DEFAULT_LABELS,
+                   label_sources: dict | None = None) -> tuple[list[int | None], int]:  # fmt: skip
+    """For each source finding of ``layout``, the index of the job output it feeds (None: none), and the number
+    of outputs: the job's ``trainer.label_sources``."""
+    mapping = (label_sources or JOB_TRAINER.get("label_sources", {})).get(layout, {})
+    return [labels.index(mapping[s]) if mapping.get(s) in labels else None for s in sources], len(labels)
+
+
+def chexpert_cells(findings: np.ndarray, rng: np.random.Generator, expert: bool) -> list[str]:
+    """The 14 observation cells: report labels for the 13 pathologies/devices, ``No Finding`` 1.0 or blank."""
+    cells = report_labels(findings[1:], rng, expert)
+    return ["1.0" if not findings[1:].any() else ("0.0" if expert else ""), *cells]
+
+
+def generate_chexpert(out: Path, n_train: int, n_val: int, seed: int, size: int = 128, small: bool = True) -> None:
+    """CheXpert v1.0 as distributed: ``out/CheXpert-v1.0[-small]/{train,valid}.csv`` and ``{train,valid}/``."""
+    rng = np.random.default_rng(seed)
+    folder = CHEXPERT_FOLDER["chexpert-small" if small else "chexpert"]
+    outputs = output_indices("chexpert", CHEXPERT_OBSERVATIONS)
+    patients = [int(p) for p in rng.choice(np.arange(1, 64_541), size=n_train + n_val, replace=False)]
+    (out / folder).mkdir(parents=True, exist_ok=True)
+    splits = (("train", "train.csv", patients[:n_train]), ("valid", "valid.csv", patients[n_train:]))
+    for split, csv_name, group in splits:
+        with open(out / folder / csv_name, "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow([*CHEXPERT_COLUMNS, *CHEXPERT_OBSERVATIONS])
+            for number, patient in enumerate(sorted(group)):
+                findings = np.concatenate([[False], rng.random(len(CHEXPERT_OBSERVATIONS) - 1) < PREVALENCE])
+                findings &= rng.random() >= HEALTHY_RATE
+                cells = chexpert_cells(findings, rng, expert=split == "valid")
+                sex, age = rng.choice(["Male", "Female"]), int(rng.integers(20, 91))
+                views = [("view1_frontal.jpg", "Frontal", str(rng.choice(["AP", "PA"])))]
+                if number % LATERAL_EVERY == LATERAL_EVERY - 1:
+                    views.append(("view2_lateral.jpg", "Lateral", ""))
+                for file_name, view, ap_pa in views:
+                    rel_path = f"{folder}/{split}/patient{patient:05d}/study1/{file_name}"
+                    (out / rel_path).parent.mkdir(parents=True, exist_ok=True)
+                    image = render_image(findings, size, rng, outputs)
+                    Image.fromarray(image).save(out / rel_path, quality=JPEG_QUALITY)
+                    writer.writerow([rel_path, sex, age, view, ap_pa, *cells])
+
+
+def generate_nih(out: Path, n_train: int, n_val: int, seed: int, size: int = 128) -> None:
+    """NIH ChestX-ray14: ``Data_Entry_2017.csv``, ``train_val_list.txt``, ``test_list.txt``, ``images_00N/images``."""
+    rng = np.random.default_rng(seed)
+    outputs = output_indices("nih", NIH_FINDINGS)
+    rows, lists, patient = [], {"train_val_list.txt": [], "test_list.txt": []}, int(rng.integers(1, 20_000))
+    for list_name, n_images in (("train_val_list.txt", n_train), ("test_list.txt", n_val)):
+        while len(lists[list_name]) < n_images:
+            patient += int(rng.integers(1, 7))
+            age, sex = int(rng.integers(20, 91)), str(rng.choice(["M", "F"]))
+            for follow_up in range(min(int(rng.integers(1, 4)), n_images - len(lists[list_name]))):
+                name = f"{patient:08d}_{follow_up:03d}.png"
+                findings = (rng.random(len(NIH_FINDINGS)) < PREVALENCE) & (rng.random() >= HEALTHY_RATE)
+                labels = "|".join(f for f, present in zip(NIH_FINDINGS, findings, strict=True) if present)
+                view = str(rng.choice(["PA", "AP"]))
+                width, height = int(rng.integers(2000, 3000)), int(rng.integers(2000, 3000))
+                rows.append([name, labels or "No Finding", follow_up, patient, age, sex, view, width, height,
+                             0.143, 0.143])  # fmt: skip
+                lists[list_name].append(name)
+                folder = out / f"images_{1 + len(rows) % 2:03d}" / "images"
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(render_image(findings, size, rng, outputs)).save(folder / name)
+    with open(out / "Data_Entry_2017.csv", "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(NIH_HEADER)
+        writer.writerows(sorted(rows))
+    for list_name, names in lists.items():
+        (out / list_name).write_text("".join(f"{name}\n" for name in sorted(names)))
+
+
+def generate_layout(layout: str, out: Path, n_train: int, n_val: int, seed: int, size: int = 128,
+                    labels: list[str] = DEFAULT_LABELS, site_prefix: str = "A") -> None:  # fmt: skip
+    """Write ``layout`` (one of ``LAYOUTS``) into ``out``."""
+    if layout == "project":
+        generate(out, n_train, n_val, seed, size, labels, site_prefix)
+    elif layout in CHEXPERT_FOLDER:
+        generate_chexpert(out, n_train, n_val, seed, size, small=layout == "chexpert-small")
+    elif layout == "nih":
+        generate_nih(out, n_train, n_val, seed, size)
+    else:
+        raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+
+
 def labels_from(config_path: Path) -> list[str]:
     """The ``trainer.labels`` list of a job's client config (e.g. ``app/config/config_fed_client.json`` of a built job)."""
     return json.loads(config_path.read_text())["trainer"]["labels"]
@@ -162,10 +280,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="image width and height in pixels")
     parser.add_argument("--labels-from", type=Path, help="job client config whose trainer.labels to use")
     parser.add_argument("--site-prefix", default="A", help="site tag used in the fake PatientID")
+    parser.add_argument("--layout", choices=LAYOUTS, default="project", help="file layout (default: project)")
     args = parser.parse_args()
     labels = labels_from(args.labels_from) if args.labels_from else DEFAULT_LABELS
-    generate(args.out, args.n_train, args.n_val, args.seed, args.size, labels, args.site_prefix)
-    print(f"wrote {args.n_train} train + {args.n_val} val studies, {len(labels)} labels, to {args.out}")
+    generate_layout(args.layout, args.out, args.n_train, args.n_val, args.seed, args.size, labels, args.site_prefix)
+    what = f"{len(labels)} labels" if args.layout == "project" else f"{args.layout} layout"
+    print(f"wrote {args.n_train} train + {args.n_val} val studies, {what}, to {args.out}")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,20 @@ indices, or ignores the direction, or the LPS -> RAS change (NIfTI affines are R
 the nodules.
 Series uids are dotted numeric strings like LUNA16's.
 
+With ``--layout luna16`` it writes LUNA16 as distributed instead (the same series, nodules and
+annotation values; no ``images/``, ``annotations/`` or split lists):
+
+* ``subsetN/<seriesuid>.mhd`` + ``.raw``: MetaImage volumes (MET_SHORT, HU, little-endian, x fastest)
+  with LPS geometry (``Offset``, ``ElementSpacing``, ``TransformMatrix``); train series go
+  round-robin to ``subset0`` .. ``subset7``, val series to ``subset8`` and ``subset9`` (the trainer's
+  default ``luna16_split``); all ten folders are written. The direction is the identity, as in
+  LUNA16, unless ``--flip-direction`` keeps the flipped axes of the NIfTI layout;
+* ``annotations.csv``: at the top level, as above.
+
 The same arguments give byte-identical files.
 
     python -m datagen.luna16 --out DIR --n-train 16 --n-val 4 --seed 1 --size 64   # custom/ on PYTHONPATH
+    python -m datagen.luna16 --out DIR --n-train 16 --n-val 4 --seed 1 --layout luna16 [--flip-direction]
 """
 
 import argparse
@@ -39,6 +50,8 @@ DEFAULT_SPACING = (0.7, 0.7, 1.25)  # mm (x, y, z), LUNA16-like (the job resampl
 SPACING_JITTER = 0.1  # x/y spacing of each series: DEFAULT_SPACING * U(1 - j, 1 + j)
 HU_AIR, HU_BODY, HU_LUNG, HU_NODULE = -1000.0, 40.0, -800.0, 50.0
 NOISE_HU = 25.0  # standard deviation of the Gaussian noise
+LAYOUTS = ("nifti", "luna16")
+LUNA16_SUBSETS = {"train": list(range(8)), "val": [8, 9]}  # the trainer's default luna16_split
 DIAMETER_MM = (5.0, 15.0)  # nodule diameter range (the upper end capped to fit the lungs)
 NODULES_PER_SCAN = (1, 3)
 
@@ -50,8 +63,10 @@ def series_uid(rng: np.random.Generator) -> str:
     return UID_PREFIX + "".join(str(d) for d in digits)
 
 
-def geometry(size: int, spacing: tuple[float, float, float], rng: np.random.Generator):
-    """Shape, LPS direction-times-spacing matrix, LPS origin and RAS (NIfTI) affine of one series."""
+def geometry(size: int, spacing: tuple[float, float, float], rng: np.random.Generator, flip: bool = True):
+    """Shape, LPS direction-times-spacing matrix, LPS origin and RAS (NIfTI) affine of one series.
+
+    ``flip=False``: the identity direction (the random draws are the same, so the series are too)."""
     shape = (size, size, max(size // 2, 8))
     jitter = rng.uniform(1 - SPACING_JITTER, 1 + SPACING_JITTER)
     voxel_mm = np.array([spacing[0] * jitter, spacing[1] * jitter, spacing[2]])
@@ -59,7 +74,7 @@ def geometry(size: int, spacing: tuple[float, float, float], rng: np.random.Gene
         signs = rng.choice([-1.0, 1.0], size=3)
         if (signs < 0).any():
             break
-    lps_matrix = np.diag(signs * voxel_mm)  # world_lps = origin + lps_matrix @ index
+    lps_matrix = np.diag((signs if flip else 1.0) * voxel_mm)  # world_lps = origin + lps_matrix @ index
     origin = np.array([-rng.uniform(120, 220), -rng.uniform(120, 260), -rng.uniform(150, 400)])
     lps_to_ras = np.diag([-1.0, -1.0, 1.0])
     affine = np.eye(4)
@@ -114,18 +129,39 @@ def render(shape, voxel_mm: np.ndarray, body, lungs, nodules, rng: np.random.Gen
     return np.clip(volume.round(), -1024, 3071).astype(np.int16)
 
 
-def write_series(out: Path, size: int, spacing, rng: np.random.Generator) -> tuple[str, list[list[str]]]:
+def write_metaimage(header: Path, volume: np.ndarray, lps_matrix: np.ndarray, origin: np.ndarray) -> None:
+    """``header`` (.mhd) and its ``.raw``: MET_SHORT, little-endian, x fastest; LPS geometry."""
+    spacing = np.linalg.norm(lps_matrix, axis=0)
+    direction = lps_matrix / spacing  # columns: the LPS directions of the i, j, k axes
+    numbers = lambda values: " ".join(f"{float(v):.12g}" for v in values)  # noqa: E731
+    raw = header.with_suffix(".raw")
+    raw.write_bytes(np.ascontiguousarray(volume.astype("<i2").transpose(2, 1, 0)).tobytes())
+    header.write_text(
+        "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+        f"CompressedData = False\nTransformMatrix = {numbers(direction.T.ravel())}\n"
+        f"Offset = {numbers(origin)}\nCenterOfRotation = 0 0 0\nAnatomicalOrientation = RAI\n"
+        f"ElementSpacing = {numbers(spacing)}\nDimSize = {' '.join(str(n) for n in volume.shape)}\n"
+        f"ElementType = MET_SHORT\nElementDataFile = {raw.name}\n"
+    )
+
+
+def write_series(out: Path, size: int, spacing, rng: np.random.Generator, layout: str = "nifti",
+                 subset: int = 0, flip: bool = True) -> tuple[str, list[list[str]]]:
     """Write one volume; return its uid and its annotation rows (LPS world mm)."""
     uid = series_uid(rng)
-    shape, lps_matrix, origin, affine = geometry(size, spacing, rng)
+    shape, lps_matrix, origin, affine = geometry(size, spacing, rng, flip)
     voxel_mm = np.abs(np.diag(lps_matrix))
     body, lungs = lung_masks(shape)
     nodules = place_nodules(lungs, voxel_mm, rng)
-    image = nib.Nifti1Image(render(shape, voxel_mm, body, lungs, nodules, rng), affine)
-    image.header.set_xyzt_units("mm")
-    image.set_qform(affine, code=1)  # scanner coordinates
-    image.set_sform(affine, code=1)
-    nib.save(image, out / "images" / f"{uid}.nii.gz")
+    volume = render(shape, voxel_mm, body, lungs, nodules, rng)
+    if layout == "luna16":
+        write_metaimage(out / f"subset{subset}" / f"{uid}.mhd", volume, lps_matrix, origin)
+    else:
+        image = nib.Nifti1Image(volume, affine)
+        image.header.set_xyzt_units("mm")
+        image.set_qform(affine, code=1)  # scanner coordinates
+        image.set_sform(affine, code=1)
+        nib.save(image, out / "images" / f"{uid}.nii.gz")
     rows = []
     for centre, diameter in nodules:
         world = origin + lps_matrix @ centre  # ITK/LPS world position of the nodule centre
@@ -134,20 +170,37 @@ def write_series(out: Path, size: int, spacing, rng: np.random.Generator) -> tup
 
 
 def generate(out: Path, n_train: int, n_val: int, seed: int, size: int = 64,
-             spacing: tuple[float, float, float] = DEFAULT_SPACING) -> None:
-    """Write ``n_train`` + ``n_val`` distinct, seed-dependent series and their annotations into ``out``."""
+             spacing: tuple[float, float, float] = DEFAULT_SPACING, layout: str = "nifti",
+             flip_direction: bool = False) -> None:
+    """Write ``n_train`` + ``n_val`` distinct, seed-dependent series and their annotations into ``out``.
+
+    ``layout``: ``"nifti"`` (the default: images/, annotations/, split lists) or ``"luna16"`` (subsetN/ of
+    MetaImage, top-level annotations.csv); ``flip_direction`` applies to ``"luna16"`` (NIfTI always flips).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     rng = np.random.default_rng(seed)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    luna16 = layout == "luna16"
+    if luna16:
+        for number in range(10):
+            (out / f"subset{number}").mkdir(parents=True, exist_ok=True)
+    else:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        (out / "annotations").mkdir(parents=True, exist_ok=True)
     all_rows = []
     for split, count in (("train", n_train), ("val", n_val)):
         entries = []
-        for _ in range(count):
-            uid, rows = write_series(out, size, spacing, rng)
+        for index in range(count):
+            subsets = LUNA16_SUBSETS[split]
+            uid, rows = write_series(
+                out, size, spacing, rng, layout, subsets[index % len(subsets)], flip_direction or not luna16
+            )  # fmt: skip
             entries.append({"image": f"images/{uid}.nii.gz", "seriesuid": uid})
             all_rows.extend(rows)
-        (out / f"{split}_data.json").write_text(json.dumps({SPLIT_KEYS[split]: entries}, indent=2) + "\n")
-    with open(out / "annotations" / "annotations.csv", "w", newline="") as f:
+        if not luna16:
+            (out / f"{split}_data.json").write_text(json.dumps({SPLIT_KEYS[split]: entries}, indent=2) + "\n")
+    csv_path = out / "annotations.csv" if luna16 else out / "annotations" / "annotations.csv"
+    with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(ANNOTATION_COLUMNS)
         writer.writerows(all_rows)
@@ -164,8 +217,13 @@ def main() -> None:
         "--spacing", type=float, nargs=3, default=DEFAULT_SPACING, metavar=("X", "Y", "Z"),
         help="voxel spacing in mm before the per-series x/y jitter",
     )  # fmt: skip
+    parser.add_argument("--layout", choices=LAYOUTS, default="nifti",
+                        help="nifti (default): images/ + split lists; luna16: subsetN/<uid>.mhd/.raw as distributed")
+    parser.add_argument("--flip-direction", action="store_true",
+                        help="luna16 layout: flip at least one axis (default: identity direction, as in LUNA16)")
     args = parser.parse_args()
-    generate(args.out, args.n_train, args.n_val, args.seed, args.size, tuple(args.spacing))
+    generate(args.out, args.n_train, args.n_val, args.seed, args.size, tuple(args.spacing), args.layout,
+             args.flip_direction)  # fmt: skip
     print(f"wrote {args.n_train} train + {args.n_val} val series to {args.out}")
 
 
