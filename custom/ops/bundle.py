@@ -362,48 +362,29 @@ def _meta_description(job) -> str:
         return ""
 
 
+def _tensor(kind: str, fmt: str, shape: list, names: list[str], patch: bool, value_range=(0, 1), **extra) -> dict:
+    """One entry of MONAI's network_data_format (an input or an output)."""
+    return {
+        "type": kind, "format": fmt, **extra, "num_channels": len(names), "spatial_shape": shape, "dtype": "float32",
+        "value_range": list(value_range), "is_patch_data": patch, "channel_def": dict(enumerate(names)),
+    }  # fmt: skip
+
+
 def network_data_format(task: str, trainer: dict, network: dict) -> dict:
+    """MONAI's network_data_format of the job's network: what goes in, what comes out."""
     if task == "classification":
         labels = trainer["labels"]
-        return {
-            "inputs": {"image": {
-                "type": "image", "format": "magnitude", "modality": "XR", "num_channels": 1,
-                "spatial_shape": list(trainer["image_size"]), "dtype": "float32", "value_range": [0, 1],
-                "is_patch_data": False, "channel_def": {"0": "image"},
-            }},
-            "outputs": {"pred": {
-                "type": "probabilities", "format": "classes", "num_channels": len(labels),
-                "spatial_shape": [len(labels)], "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
-                "channel_def": {str(i): name for i, name in enumerate(labels)},
-            }},
-        }  # fmt: skip
-    if task == "segmentation":
-        labels = ["background", *trainer["labels"]]
-        return {
-            "inputs": {"image": {
-                "type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
-                "spatial_shape": list(trainer["roi_size"]), "dtype": "float32", "value_range": [0, 1],
-                "is_patch_data": True, "channel_def": {"0": "image"},
-            }},
-            "outputs": {"pred": {
-                "type": "image", "format": "segmentation", "num_channels": len(labels),
-                "spatial_shape": list(trainer["roi_size"]), "dtype": "float32", "value_range": [0, 1],
-                "is_patch_data": True, "channel_def": {str(i): name for i, name in enumerate(labels)},
-            }},
-        }  # fmt: skip
-    return {
-        "inputs": {"image": {
-            "type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
-            "spatial_shape": list(trainer["val_patch_size"]), "dtype": "float32", "value_range": [0, 1],
-            "is_patch_data": False, "channel_def": {"0": "image"},
-        }},
-        "outputs": {"pred": {
-            "type": "object", "format": "bbox", "num_channels": 7, "spatial_shape": ["*", 7], "dtype": "float32",
-            "value_range": ["*", "*"], "is_patch_data": False,
-            "channel_def": {"0": "coordX (LPS mm)", "1": "coordY (LPS mm)", "2": "coordZ (LPS mm)",
-                            "3": "width (mm)", "4": "height (mm)", "5": "depth (mm)", "6": "score"},
-        }},
-    }  # fmt: skip
+        image = _tensor("image", "magnitude", list(trainer["image_size"]), ["image"], False, modality="XR")
+        pred = _tensor("probabilities", "classes", [len(labels)], labels, False)
+    elif task == "segmentation":
+        image = _tensor("image", "hounsfield", list(trainer["roi_size"]), ["image"], True, modality="CT")
+        pred = _tensor("image", "segmentation", list(trainer["roi_size"]), ["background", *trainer["labels"]], True)
+    else:
+        image = _tensor("image", "hounsfield", list(trainer["val_patch_size"]), ["image"], False, modality="CT")
+        columns = ["coordX (LPS mm)", "coordY (LPS mm)", "coordZ (LPS mm)", "width (mm)", "height (mm)", "depth (mm)",
+                   "score"]  # fmt: skip
+        pred = _tensor("object", "bbox", ["*", len(columns)], columns, False, value_range=("*", "*"))
+    return {"inputs": {"image": image}, "outputs": {"pred": pred}}
 
 
 # ---------------------------------------------------------------- the passport

@@ -8,6 +8,7 @@ import csv
 import json
 import re
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import torch
 from monai.networks.nets import DenseNet121
 
 from conftest import REPO, run
+
+sys.path.insert(0, str(REPO / "custom"))
+from ops import job_builder  # noqa: E402
 
 TINY = json.loads((Path(__file__).resolve().parents[1] / "tiny_cxr_profile.json").read_text())  # 2 rounds, 32 px
 FORGED_METRIC = '''"""Forged: the real CXR trainer plus a metric named after a patient ID from the site's CSV."""
@@ -112,7 +116,7 @@ def site_policy(env, tmp_path):
             (inventory / "host_vars" / f"{host}.yml").write_text(
                 json.dumps({"flare_participant_privacy": {"min_dataset_size": 2, **override}})
             )
-        run("deploy.sh", env={**env, "INVENTORY": str(inventory / "hosts.yml")})
+        run("deploy.sh", env={**env, "INVENTORY": str(inventory / "hosts.sh")})
 
     yield apply
     run("deploy.sh", env=env)
@@ -124,8 +128,7 @@ def test_policy_is_rendered_into_the_scope_and_enforced_by_site_code(deployed, e
     site = json.loads((REPO / "site_configs" / "site_hospital_a" / "local_config.json").read_text())["privacy"]
     assert "default_scope" not in privacy
     (scope,) = privacy["scopes"]
-    meta = json.loads((REPO / "job_configs" / "cxr_classification" / "meta.json").read_text())
-    assert scope["name"] == site["scope"] == meta["scope"]
+    assert scope["name"] == site["scope"] == job_builder.resolve("cxr_classification")["meta"]["scope"]
     assert scope["properties"] == {**{k: v for k, v in site.items() if k != "scope"}, "min_dataset_size": 2}
     assert scope["task_result_filters"][0]["path"] == "site_privacy.components.SitePolicyFilter"
     assert (local / "custom" / "site_privacy" / "components.py").read_bytes() == (
