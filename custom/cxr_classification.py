@@ -38,8 +38,6 @@ Key metric (``val_auc`` in the job config): ROC AUC per label, averaged over the
 classes among their (unmasked) validation rows.
 """
 
-import argparse
-import json
 import math
 import sys
 import warnings
@@ -55,7 +53,7 @@ from cxr_layouts import (  # noqa: F401 (parse_cell, encode_labels: the cell pol
     POLICIES, Problem, check_label_sources, detect_layout, encode_labels, label_counts, parse_cell, raise_problems,
     read_project_csv, read_site_data,
 )  # fmt: skip
-from hcls import client_loop, transform_config
+from hcls import client_loop, data_check, transform_config
 from hcls.components import build_by_name, build_optimizer
 from hcls.dp_sgd import make_private
 from hcls.job_config import JobConfig
@@ -223,10 +221,7 @@ def check_data(job: JobConfig, site: SiteConfig) -> dict:
         summary["layout"] = layout
         data = read_data(trainer, data_dir, site.blocked_fields, site.path, layout)
     except ValueError as err:
-        message, root = str(err), Path(site.data.get("data_root") or "/")
-        for prefix in {f"{root}/", f"{root.resolve()}/"}:
-            message = message.replace(prefix, "")  # paths from the dataset folder on
-        summary["errors"].append({"file": None, "row": None, "column": None, "error": message})
+        summary["errors"].append({"file": None, "row": None, "column": None, "error": data_check.site_message(err, site)})
         return summary
     labels, base = trainer["labels"], data_dir.parent
     splits = {}
@@ -245,25 +240,15 @@ def check_data(job: JobConfig, site: SiteConfig) -> dict:
     return summary
 
 
-def format_summary(summary: dict) -> str:
-    """``check_data``'s summary as JSON, one line per split, label and error."""
-    lines = []
-    for key, value in summary.items():
-        if isinstance(value, dict) and value or isinstance(value, list) and value and isinstance(value[0], dict):
-            items = value.items() if isinstance(value, dict) else [(None, item) for item in value]
-            inner = [(f"{json.dumps(k)}: " if k is not None else "") + json.dumps(v) for k, v in items]
-            brackets = "{}" if isinstance(value, dict) else "[]"
-            lines.append(f' {json.dumps(key)}: {brackets[0]}\n  ' + ",\n  ".join(inner) + f"\n {brackets[1]}")
-        else:
-            lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
-    return "{\n" + ",\n".join(lines) + "\n}"
-
-
 def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     trainer = load_settings(job)
     data_dir = site.dataset_dir(JOB_NAME)
     layout, _ = site_layout(site, data_dir)
     train_records, val_records = load_data(trainer, data_dir, site.blocked_fields, site.path, layout)
+    supervised = np.stack([record["mask"] for record in train_records]).any(axis=0)
+    masked = [label for label, used in zip(trainer["labels"], supervised, strict=True) if not used]
+    print(f"{JOB_NAME}: {layout} layout; {len(masked)} of {len(trainer['labels'])} outputs never supervised here"
+          + (f" ({', '.join(masked)})" if masked else ""))  # fmt: skip
     train_loader = make_loader(train_records, trainer, train=True)
     val_loader = make_loader(val_records, trainer, train=False)
 
@@ -288,19 +273,7 @@ def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     )
 
 
-def check_main(argv: list[str]) -> int:
-    """``--check --config CONFIG``: print ``check_data`` as JSON (no training, no server, no NVFlare); exit 1 on
-    any problem."""
-    parser = argparse.ArgumentParser(description=f"{JOB_NAME}: check this site's data (HCLS_SITE_CONFIG)")
-    parser.add_argument("--check", action="store_true", required=True)
-    parser.add_argument("--config", type=Path, required=True, help="the job's client config (with a 'trainer' object)")
-    args = parser.parse_args(argv)
-    summary = check_data(JobConfig.from_client_config(args.config), SiteConfig.from_env())
-    print(format_summary(summary))
-    return 0 if summary["ok"] else 1
-
-
 if __name__ == "__main__":
     if "--check" in sys.argv[1:]:
-        sys.exit(check_main(sys.argv[1:]))
+        sys.exit(data_check.main(JOB_NAME, check_data, sys.argv[1:]))
     client_loop.main(JOB_NAME, build)

@@ -58,8 +58,8 @@ files and a top-level ``annotations.csv``; ``candidates.csv`` is not used):
 
 ``python custom/lung_nodule_detection.py --check --config config/config_fed_client.json``
 (``HCLS_SITE_CONFIG`` set) prints ``check_data``'s summary (layout, series and nodules per
-split, problems with file and row; paths relative to the data directory, series uids
-replaced by their place on disk) and trains nothing.
+split, ``errors``: every problem with its file and row; paths relative to the data directory, series
+uids replaced by their place on disk) and trains nothing.
 
 Key metric (``val_froc`` in the job config): mean sensitivity at ``trainer.froc_fps_per_scan`` false positives
 per scan, boxes matched at IoU >= 0.1 (see ``froc.py``), on whole validation volumes.
@@ -67,7 +67,6 @@ per scan, boxes matched at IoU >= 0.1 (see ``froc.py``), on whole validation vol
 
 import csv
 import importlib.util
-import json
 import math
 import re
 import sys
@@ -99,7 +98,7 @@ from monai.transforms import (
 )
 
 import froc
-from hcls import client_loop, transform_config
+from hcls import client_loop, data_check, transform_config
 from hcls.components import build_optimizer
 from hcls.job_config import JobConfig
 from hcls.json_files import read_json
@@ -523,24 +522,29 @@ def load_data(trainer: dict, data_dir: Path, split: dict | None = None) -> tuple
 
 def check_data(job: JobConfig, site: SiteConfig) -> dict:
     """The site's data checked as ``build`` checks it, nothing trained: layout, series and nodules per split,
-    annotation rows used / outside the split, and every problem with its file and row or entry.
+    annotation rows used / outside the split, and ``errors``: every problem with its file and row or entry.
 
     Nothing in it reaches beyond the data directory: paths are relative to it, and series uids are replaced
     by their place on disk (``subset3/<series 2>``: the second ``.mhd`` of ``subset3/`` in name order).
     """
-    data_dir = site.dataset_dir(JOB_NAME)
-    layout = detect_layout(data_dir)
-    split = luna16_split(site) if layout == "luna16" else None
+    summary = {"job": JOB_NAME, "ok": False, "layout": None, "dataset": None}
+    try:
+        data_dir = site.dataset_dir(JOB_NAME)
+        summary["dataset"] = data_dir.name
+        layout = summary["layout"] = detect_layout(data_dir)
+        split = luna16_split(site) if layout == "luna16" else None
+    except ValueError as err:  # the site config names no usable dataset directory: no host path in the message
+        summary["errors"] = [data_check.site_message(err, site)]
+        return summary
     trainer = job.trainer()
-    summary = {"job": JOB_NAME, "layout": layout, "dataset": data_dir.name}
     if split:
         summary["luna16_split"] = split
     try:
         scan = scan_data(data_dir, split)
     except ValueError as err:
-        scan, problems = None, [str(err)]
+        scan, errors = None, [str(err)]
     else:
-        problems = list(scan["errors"])
+        errors = list(scan["errors"])
         summary["splits"] = {}
         for name, series in scan["splits"].items():
             uids = [s["seriesuid"] for s in series]
@@ -551,16 +555,16 @@ def check_data(job: JobConfig, site: SiteConfig) -> dict:
                 "series_with_nodules": sum(1 for uid in uids if scan["nodules"].get(uid)),
                 "series_used": min(len(uids), max_samples) if max_samples and max_samples > 0 else len(uids),
             }  # fmt: skip
-            if not problems and n_nodules == 0:
-                problems.append(f"{split_source(data_dir, layout, name, split)} has a nodule")
+            if not errors and n_nodules == 0:
+                errors.append(f"{split_source(data_dir, layout, name, split)} has a nodule")
         used = sum(len(v) for v in scan["nodules"].values())
         summary["annotations"] = {
             "rows": scan["annotation_rows"], "used": used, "outside_split": scan["unused_rows"],
         }  # fmt: skip
         if layout == "luna16" and importlib.util.find_spec("itk") is None:
-            problems.append("reading .mhd needs the 'itk' package (MONAI's ITKReader); it is not installed")
-    summary["problems"] = [_redact(p, data_dir, scan) for p in problems]
-    summary["ok"] = not problems
+            errors.append("reading .mhd needs the 'itk' package (MONAI's ITKReader); it is not installed")
+    summary["ok"] = not errors
+    summary["errors"] = [_redact(e, data_dir, scan) for e in errors]  # last, as in every job's summary
     return summary
 
 
@@ -774,7 +778,8 @@ def load_settings(job: JobConfig) -> dict:
 def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     trainer = load_settings(job)
     data_dir = site.dataset_dir(JOB_NAME)
-    split = luna16_split(site) if detect_layout(data_dir) == "luna16" else None
+    layout = detect_layout(data_dir)
+    split = luna16_split(site) if layout == "luna16" else None
     train_records, val_records = load_data(trainer, data_dir, split)
     train_loader = make_loader(train_records, trainer, train=True)
     val_loader = make_loader(val_records, trainer, train=False)
@@ -785,7 +790,8 @@ def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     scheduler = lr_warmup(optimizer, trainer, steps_per_epoch=len(train_loader))
     n_nodules = sum(len(r["label"]) for r in train_records)
-    print(f"{JOB_NAME}: {len(train_records)} training series ({n_nodules} nodules), device={device} amp={amp}")
+    print(f"{JOB_NAME}: {layout} layout, {len(train_records)} training series ({n_nodules} nodules), "
+          f"device={device} amp={amp}")
 
     def train():
         return train_epochs(
@@ -801,20 +807,7 @@ def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     )
 
 
-def check_main(argv: list[str]) -> int:
-    """``--check --config CONFIG``: print ``check_data`` as JSON (no training, no NVFlare); 1 if it found problems."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=f"{JOB_NAME}: check this site's data, train nothing")
-    parser.add_argument("--check", action="store_true", required=True)
-    parser.add_argument("--config", type=Path, required=True, help="the job's client config (with a 'trainer' object)")
-    args = parser.parse_args(argv)
-    summary = check_data(JobConfig.from_client_config(args.config), SiteConfig.from_env())
-    print(json.dumps(summary, indent=2))
-    return 0 if summary["ok"] else 1
-
-
 if __name__ == "__main__":
     if "--check" in sys.argv[1:]:
-        sys.exit(check_main(sys.argv[1:]))
+        sys.exit(data_check.main(JOB_NAME, check_data, sys.argv[1:]))
     client_loop.main(JOB_NAME, build)

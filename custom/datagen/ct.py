@@ -1,6 +1,6 @@
-"""Deterministic generator of MONAI-decathlon-format abdominal CT demo data.
+"""Deterministic generator of abdominal CT demo data, in the project's lists or as an MSD task ships.
 
-Writes into ``OUT``::
+The ``project`` layout (the default: the project's own decathlon-style lists) writes into ``OUT``::
 
     train_data.json   {"training": [{"image": "imagesTr/ct_0001.nii.gz", "label": "labelsTr/ct_0001.nii.gz"}, ...]}
     val_data.json     the same for the validation cases
@@ -21,9 +21,24 @@ The voxel grid is stored as DICOM-converted CT usually is: the affine has anisot
 spacing (1.5 x 1.5 x 2.0 mm), flipped first two axes (LPS-like voxel order) and a
 non-zero origin, so a reader must honour the affine (orientation and spacing).
 
-The same arguments give identical files (gzip headers carry no timestamp).
+The ``msd`` layout writes what a Medical Segmentation Decathlon task ships: ``dataset.json`` (name,
+description, reference, licence, tensorImageSize, modality, labels, numTraining, numTest, training, test),
+``imagesTr/abdomen_NNN.nii.gz``, ``labelsTr/abdomen_NNN.nii.gz`` and ``imagesTs/`` (one test image). All
+``n_train + n_val`` cases go into ``training`` (MSD has no validation list: the trainer splits it by the site's
+``msd_split``). Its labels are numbered and named as another source would (``MSD_LABELS``: BTCV's short names in
+another order) and add ``vertebrae`` (the spine, background for the job), so the job's ``trainer.label_remap``
+and the data check's unmapped-label report are exercised; after the remap a case's label equals the project one.
+
+``--dicom`` writes each image (either layout) as a DICOM series folder, as a PACS export holds it: one CT file
+per slice (``NNNN.dcm``), stored values = HU + 1024 with RescaleSlope 1 / RescaleIntercept -1024,
+ImagePositionPatient / ImageOrientationPatient / PixelSpacing / SliceThickness from the affine (LPS), one
+SeriesInstanceUID per case; every UID is derived from the seed and the case. Labels stay NIfTI in the series'
+geometry.
+
+The same arguments give identical files (gzip headers carry no timestamp; DICOM files carry no date).
 
     cd custom && python -m datagen.ct --out DIR --n-train 10 --n-val 4 --seed 1 [--size 48]   # the demo sizes
+    cd custom && python -m datagen.ct --out DIR --n-train 10 --n-val 4 --seed 1 --layout msd --dicom
 """
 
 import argparse
@@ -63,6 +78,22 @@ ORGANS = [
 BODY_SEMI_AXES = (0.44, 0.36)  # body ellipse (left-right, anterior-posterior) as fractions of the field of view
 FAT_RIM = 0.85  # normalised body radius beyond which the body is subcutaneous fat
 SPINE = {"centre": (0.0, -0.78), "radius": 0.16}
+LAYOUTS = ("project", "msd")
+# The msd layout's label numbering and names (another source's): BTCV short names in another order, plus the
+# spine ("vertebrae"), which the job's label_remap does not name: it becomes background.
+MSD_LABELS = [
+    "background", "liver", "spleen", "rkid", "lkid", "gall", "eso", "sto", "aorta", "IVC", "veins", "pancreas",
+    "rad", "lad", "vertebrae",
+]  # fmt: skip
+MSD_JOB_NAMES = {  # msd name -> job label (LABELS) it stands for
+    "liver": "liver", "spleen": "spleen", "rkid": "right_kidney", "lkid": "left_kidney", "gall": "gallbladder",
+    "eso": "esophagus", "sto": "stomach", "aorta": "aorta", "IVC": "inferior_vena_cava",
+    "veins": "portal_and_splenic_veins", "pancreas": "pancreas", "rad": "right_adrenal_gland",
+    "lad": "left_adrenal_gland",
+}  # fmt: skip
+N_TEST = 1  # test images the msd layout ships (imagesTs/)
+HU_OFFSET = 1024  # DICOM stored value = HU + HU_OFFSET (RescaleIntercept = -HU_OFFSET)
+UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's UID root, for UIDs derived from the seed
 
 
 def affine_for(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -79,8 +110,8 @@ def world_grid(size: int, affine: np.ndarray) -> np.ndarray:
     return (affine[:3, :3] @ index + affine[:3, 3:]).reshape(3, size, size, size)
 
 
-def render_volume(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One case: int16 HU image, uint8 label and the affine."""
+def render_volume(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One case: int16 HU image, uint8 label (job numbering), the affine and the spine mask (background)."""
     affine = affine_for(size, rng)
     world = world_grid(size, affine)
     centre = affine[:3, :3] @ np.full(3, (size - 1) / 2) + affine[:3, 3]
@@ -117,7 +148,7 @@ def render_volume(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.n
         label[mask] = LABELS.index(organ["name"]) + 1
 
     image += rng.normal(0.0, NOISE_HU, size=image.shape)
-    return np.clip(np.round(image), -1024, 3071).astype(np.int16), label, affine
+    return np.clip(np.round(image), -1024, 3071).astype(np.int16), label, affine, spine & body
 
 
 def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -132,27 +163,134 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
     path.write_bytes(gzip.compress(buffer.getvalue(), compresslevel=6, mtime=0))
 
 
-def write_split(out: Path, json_name: str, case_ids: list[int], size: int, rng: np.random.Generator) -> None:
-    """Write the cases of one split and its decathlon-style list."""
+def dicom_geometry(affine: np.ndarray) -> dict:
+    """The DICOM (LPS) geometry of a RAS ``affine`` whose first two axes are in-plane and third is the slice normal:
+    row/column direction cosines, pixel spacing (row, column), slice spacing and the LPS affine."""
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    cosines = lps[:3, :3] / spacing
+    if not np.allclose(np.cross(cosines[:, 0], cosines[:, 1]), cosines[:, 2]):
+        raise ValueError("the affine's third axis must be the slice normal (row x column)")
+    return {"row": cosines[:, 0], "column": cosines[:, 1], "pixel_spacing": [spacing[1], spacing[0]],
+            "slice_spacing": spacing[2], "lps": lps}  # fmt: skip
+
+
+def write_dicom_series(image: np.ndarray, affine: np.ndarray, folder: Path, uids: dict) -> None:
+    """Write ``image`` (int16 HU, axes i, j, k with the RAS ``affine``) as a CT series: one file per k slice.
+
+    A slice's pixel (row r, column c) is voxel (c, r, k): DICOM columns run along i, rows along j.
+    """
+    import pydicom  # only the --dicom output needs it
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    geometry = dicom_geometry(affine)
+    folder.mkdir(parents=True)
+    columns, rows, slices = image.shape
+    for k in range(slices):
+        sop_uid = generate_uid(UID_ROOT, [uids["series"], f"/slice {k}"])
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, sop_uid, "CT"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = uids["study"], uids["series"]
+        ds.FrameOfReferenceUID = uids["frame"]
+        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+        position = geometry["lps"] @ np.array([0.0, 0.0, k, 1.0])
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in position[:3]]
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in [*geometry["row"], *geometry["column"]]]
+        ds.PixelSpacing = [f"{v:.4f}" for v in geometry["pixel_spacing"]]
+        ds.SliceThickness = f"{geometry['slice_spacing']:.4f}"
+        ds.Rows, ds.Columns = rows, columns
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -HU_OFFSET, 1, "HU"
+        ds.PixelData = (image[:, :, k].T.astype(np.int32) + HU_OFFSET).astype("<u2").tobytes()
+        pydicom.dcmwrite(folder / f"{k + 1:04d}.dcm", ds, enforce_file_format=True)
+
+
+def case_uids(seed: int, case_name: str) -> dict:
+    """Study, series and frame-of-reference UIDs of one case, derived from the seed and the case's name."""
+    from pydicom.uid import generate_uid
+
+    return {kind: generate_uid(UID_ROOT, [f"seed {seed}/{case_name}/{kind}"]) for kind in ("study", "series", "frame")}
+
+
+def save_image(image: np.ndarray, affine: np.ndarray, stem: Path, dicom: bool, seed: int) -> str:
+    """Write an image as ``stem.nii.gz`` or, with ``dicom``, as the DICOM series folder ``stem/``; its file name."""
+    if dicom:
+        write_dicom_series(image, affine, stem, case_uids(seed, stem.name))
+        return stem.name
+    save_nifti(image, affine, stem.with_name(stem.name + ".nii.gz"))
+    return stem.name + ".nii.gz"
+
+
+def write_split(out: Path, json_name: str, case_ids: list[int], size: int, rng, dicom: bool, seed: int) -> None:
+    """Write the cases of one split and its decathlon-style list (the project layout)."""
     entries = []
     for case_id in case_ids:
-        image, label, affine = render_volume(size, rng)
-        entry = {"image": f"imagesTr/ct_{case_id:04d}.nii.gz", "label": f"labelsTr/ct_{case_id:04d}.nii.gz"}
-        save_nifti(image, affine, out / entry["image"])
+        image, label, affine, _ = render_volume(size, rng)
+        name = f"ct_{case_id:04d}"
+        entry = {"image": f"imagesTr/{save_image(image, affine, out / 'imagesTr' / name, dicom, seed)}",
+                 "label": f"labelsTr/{name}.nii.gz"}  # fmt: skip
         save_nifti(label, affine, out / entry["label"])
         entries.append(entry)
     (out / json_name).write_text(json.dumps({"training": entries}, indent=2) + "\n")
 
 
-def generate(out: Path, n_train: int, n_val: int, seed: int, size: int = 48) -> None:
-    """Write ``n_train`` + ``n_val`` cases (ct_0001 ... in that order) into ``out``."""
+def msd_label(label: np.ndarray, spine: np.ndarray) -> np.ndarray:
+    """A job-numbered ``label`` in the msd numbering (``MSD_LABELS``), the spine labelled ``vertebrae``."""
+    lookup = np.zeros(len(LABELS) + 1, dtype=np.uint8)
+    for value, name in enumerate(MSD_LABELS):
+        if name in MSD_JOB_NAMES:
+            lookup[LABELS.index(MSD_JOB_NAMES[name]) + 1] = value
+    out = lookup[label]
+    out[spine] = MSD_LABELS.index("vertebrae")
+    return out
+
+
+def write_msd(out: Path, n_cases: int, size: int, rng: np.random.Generator, dicom: bool, seed: int) -> None:
+    """Write an MSD task: ``n_cases`` training cases, ``N_TEST`` test images and ``dataset.json``."""
+    training, test = [], []
+    for case_id in range(1, n_cases + N_TEST + 1):
+        image, label, affine, spine = render_volume(size, rng)
+        name = f"abdomen_{case_id:03d}"
+        if case_id > n_cases:
+            test.append(f"./imagesTs/{save_image(image, affine, out / 'imagesTs' / name, dicom, seed)}")
+            continue
+        entry = {"image": f"./imagesTr/{save_image(image, affine, out / 'imagesTr' / name, dicom, seed)}",
+                 "label": f"./labelsTr/{name}.nii.gz"}  # fmt: skip
+        save_nifti(msd_label(label, spine), affine, out / entry["label"])
+        training.append(entry)
+    dataset = {
+        "name": "SyntheticAbdomen", "description": "Synthetic abdominal CT, multi-organ (demo data)",
+        "reference": "generated by datagen.ct", "licence": "CC-BY-SA 4.0", "release": "1.0",
+        "tensorImageSize": "3D", "modality": {"0": "CT"},
+        "labels": {str(value): name for value, name in enumerate(MSD_LABELS)},
+        "numTraining": len(training), "numTest": len(test), "training": training, "test": test,
+    }  # fmt: skip
+    (out / "dataset.json").write_text(json.dumps(dataset, indent=4) + "\n")
+
+
+def generate(
+    out: Path, n_train: int, n_val: int, seed: int, size: int = 48, layout: str = "project", dicom: bool = False
+) -> None:
+    """Write ``n_train`` + ``n_val`` cases into ``out`` in ``layout`` (see the module docstring)."""
     if n_train < 1 or n_val < 1 or size < 16:
         raise ValueError("need n_train >= 1, n_val >= 1 and size >= 16")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     rng = np.random.default_rng(seed)
-    for folder in ("imagesTr", "labelsTr"):
+    folders = ("imagesTr", "labelsTr") + (("imagesTs",) if layout == "msd" else ())
+    for folder in folders:
         (out / folder).mkdir(parents=True, exist_ok=True)
-    write_split(out, "train_data.json", list(range(1, n_train + 1)), size, rng)
-    write_split(out, "val_data.json", list(range(n_train + 1, n_train + n_val + 1)), size, rng)
+    if layout == "msd":
+        write_msd(out, n_train + n_val, size, rng, dicom, seed)
+        return
+    write_split(out, "train_data.json", list(range(1, n_train + 1)), size, rng, dicom, seed)
+    write_split(out, "val_data.json", list(range(n_train + 1, n_train + n_val + 1)), size, rng, dicom, seed)
 
 
 def main() -> None:
@@ -162,9 +300,13 @@ def main() -> None:
     parser.add_argument("--n-val", type=int, required=True, help="number of validation cases")
     parser.add_argument("--seed", type=int, required=True, help="random seed (use one per site)")
     parser.add_argument("--size", type=int, default=48, help="voxels along each axis")
+    parser.add_argument("--layout", choices=LAYOUTS, default="project", help="the project's lists or an MSD task")
+    parser.add_argument("--dicom", action="store_true", help="images as DICOM series folders (one file per slice)")
     args = parser.parse_args()
-    generate(args.out, args.n_train, args.n_val, args.seed, args.size)
-    print(f"wrote {args.n_train} train + {args.n_val} val CT cases of {args.size}^3 voxels to {args.out}")
+    generate(args.out, args.n_train, args.n_val, args.seed, args.size, args.layout, args.dicom)
+    kind = "DICOM-series" if args.dicom else "NIfTI"
+    print(f"wrote {args.n_train} train + {args.n_val} val {kind} CT cases of {args.size}^3 voxels ({args.layout} "
+          f"layout) to {args.out}")
 
 
 if __name__ == "__main__":

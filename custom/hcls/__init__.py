@@ -7,3 +7,11 @@
 * ``training``: the ``Trainer`` interface every job implements and the one local training loop;
 * ``client_loop``: the NVFlare Client API loop that runs a ``Trainer`` at a site.
 """
+
+import logging
+import warnings
+
+# MONAI builds its GPU DICOM reader (nvImageCodec) inside every LoadImage once pydicom is installed, and says on
+# each one that it falls back to pydicom's own decoders: true on every CPU site, and noise in every site log.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")

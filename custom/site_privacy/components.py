@@ -37,7 +37,8 @@ SITE_CONFIG_FILE = "site_config.json"  # in local/, rendered by deployment: data
 def _site_data(site_config: str, job_name: str, fields: tuple[str, ...]) -> tuple[Path, int, dict]:
     """(dataset dir, training samples, blocked identifier values) of ``job_name`` at this site."""
     data_dir = dataset.dataset_dir(Path(site_config), job_name)
-    return data_dir, dataset.count_training_samples(data_dir), dataset.blocked_values(data_dir, fields)
+    n_train = dataset.count_training_samples(data_dir, dataset.read_site_config(Path(site_config)))
+    return data_dir, n_train, dataset.blocked_values(data_dir, fields)
 
 
 def _job_policy(fl_ctx: FLContext) -> SitePolicy:

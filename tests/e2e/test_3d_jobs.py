@@ -1,6 +1,9 @@
 """The two 3D jobs through the same real federation: a tiny CT segmentation job and a tiny
-lung nodule detection job train on generated NIfTI data, and the imaging agent loads the
-fetched best models with its own code, unchanged."""
+lung nodule detection job train on generated data, and the imaging agent loads the fetched
+best models with its own code, unchanged. The sites hold different layouts, as
+scripts/generate_data.sh writes them: hospital_a the project's NIfTI lists, hospital_b an MSD
+task's ``dataset.json`` (its own label numbering and names) over DICOM series folders for CT,
+and LUNA16 as distributed (``subset*/`` MetaImage) for the nodules."""
 
 import json
 from pathlib import Path
@@ -24,6 +27,10 @@ NODULE_TINY = {
 }  # fmt: skip
 
 
+def site_log(env, site: str, job_id: str) -> str:
+    return next((Path(env["HCLS_WORKSPACE"]) / "local" / site).glob(f"{job_id}/log.txt")).read_text()
+
+
 def fetched(env, job):
     models = Path(env["MODELS_DIR"]) / job
     return models, json.loads((models / "best_model.json").read_text())
@@ -32,6 +39,8 @@ def fetched(env, job):
 def test_ct_segmentation_model_loads_with_the_imaging_agent_code(deployed, env, tmp_path):
     out, job_id = submit_and_fetch("ct_segmentation", CT_TINY, env, tmp_path)
     assert "FINISHED:COMPLETED" in out
+    assert "ct_segmentation: project layout" in site_log(env, "hospital_a", job_id)
+    assert "ct_segmentation: msd layout; made background: vertebrae" in site_log(env, "hospital_b", job_id)
     models, info = fetched(env, "ct_segmentation")
     assert info["job_id"] == job_id and info["key_metric"] == "val_mean_dice" and info["round"] == 1
 
@@ -48,6 +57,8 @@ def test_ct_segmentation_model_loads_with_the_imaging_agent_code(deployed, env, 
 def test_lung_nodule_model_loads_into_the_configured_network(deployed, env, tmp_path):
     out, job_id = submit_and_fetch("lung_nodule_detection", NODULE_TINY, env, tmp_path)
     assert "FINISHED:COMPLETED" in out
+    assert "lung_nodule_detection: nifti layout" in site_log(env, "hospital_a", job_id)
+    assert "lung_nodule_detection: luna16 layout" in site_log(env, "hospital_b", job_id)
     models, info = fetched(env, "lung_nodule_detection")
     assert info["job_id"] == job_id and info["key_metric"] == "val_froc" and info["round"] == 1
     assert 0.0 <= info["value"] <= 1.0

@@ -97,10 +97,10 @@ def server_contents(env):
 
 def identifiers(env) -> set[str]:
     values = set()
-    for path in (Path(env["HCLS_WORKSPACE"]) / "data").glob("*/chexpert/*.csv"):
+    for path in (Path(env["HCLS_WORKSPACE"]) / "data").glob("*/*/*.csv"):  # CXR in the project's layout (tiny_data.json)
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
-        values |= {row[c] for row in rows for c in ("PatientName", "PatientID", "PatientBirthDate")}
+        values |= {row[c] for row in rows for c in ("PatientName", "PatientID", "PatientBirthDate") if c in row}
     return values
 
 

@@ -245,7 +245,7 @@ def test_check_data_summary_has_no_identifiers(tmp_path, data_dir, demo_job):
     subset_of = {p.stem: int(p.parent.name.removeprefix("subset")) for p in data_dir.glob("subset*/*.mhd")}
     nodules = {name: sum(1 for r in rows(data_dir) if subset_of[r["seriesuid"]] in subsets)
                for name, subsets in (("train", (0, 1)), ("val", (8,)))}  # fmt: skip
-    assert summary["layout"] == "luna16" and summary["ok"] and summary["problems"] == []
+    assert summary["layout"] == "luna16" and summary["ok"] and summary["errors"] == []
     assert summary["splits"]["train"]["series"] == 2 and summary["splits"]["val"]["series"] == 1
     assert summary["splits"]["train"]["series_used"] == 1  # max_train_samples 1 in this job
     assert {name: summary["splits"][name]["nodules"] for name in ("train", "val")} == nodules
@@ -254,7 +254,7 @@ def test_check_data_summary_has_no_identifiers(tmp_path, data_dir, demo_job):
     text = json.dumps(summary)
     assert not any(uid in text for uid in uids) and str(tmp_path) not in text
 
-    # a problem names the file (relative, the series by its place on disk) and the row, not the uid
+    # an error names the file (relative, the series by its place on disk) and the row, not the uid
     header = headers(data_dir, 1)[0]
     header.with_suffix(".raw").write_bytes(b"\0" * 10)
     lines = (data_dir / "annotations.csv").read_text().splitlines()
@@ -263,8 +263,9 @@ def test_check_data_summary_has_no_identifiers(tmp_path, data_dir, demo_job):
     text = json.dumps(summary)
     assert not summary["ok"] and not any(uid in text for uid in [*uids, "1.2.840.99.1"]) and str(tmp_path) not in text
     assert any(p.startswith("subset1/<series 1>.mhd: its data file <series 1>.raw holds 10 bytes")
-               for p in summary["problems"]), summary["problems"]  # fmt: skip
-    assert not any(f"row {len(lines) + 1}," in p for p in summary["problems"])  # a series not held: not a problem
+               for p in summary["errors"]), summary["errors"]  # fmt: skip
+    assert not any(f"row {len(lines) + 1}," in p for p in summary["errors"])  # a series not held: not an error
+    assert "problems" not in summary  # "errors", as in every job's summary
 
 
 def test_check_data_on_the_nifti_layout(tmp_path, demo_job):
@@ -274,17 +275,30 @@ def test_check_data_on_the_nifti_layout(tmp_path, demo_job):
     assert summary["splits"]["train"]["series"] == 2 and summary["splits"]["val"]["series"] == 1
 
 
+def test_check_data_without_a_dataset_directory(tmp_path, demo_job):
+    """A site config naming no dataset directory, or a malformed split, is an error in the summary, not a crash;
+    it names the site config and the dataset folder, no host path."""
+    summary = lnd.check_data(demo_job, site_config(tmp_path, tmp_path / "data" / "luna16"))
+    assert not summary["ok"] and summary["errors"] == [
+        "site_config.json: dataset directory luna16 (datasets.lung_nodule_detection) does not exist"]
+    datagen.generate(tmp_path / "data" / "luna16", n_train=2, n_val=1, seed=3, size=32, layout="luna16")
+    summary = lnd.check_data(demo_job, site_config(tmp_path, tmp_path / "data" / "luna16", luna16_split={"train": [0]}))
+    assert not summary["ok"] and summary["layout"] == "luna16" and len(summary["errors"]) == 1
+    assert summary["errors"][0].startswith("site_config.json: field 'luna16_split' must be an object")
+    assert str(tmp_path) not in json.dumps(summary)
+
+
 def test_check_cli_without_nvflare(tmp_path, generated, demo_job, monkeypatch, capsys):
     """``--check --config CONFIG`` (what ``python custom/lung_nodule_detection.py --check`` runs) prints the
     summary as JSON with nvflare made unimportable; problems give exit status 1."""
     monkeypatch.setitem(sys.modules, "nvflare", None)  # any "import nvflare..." now raises ImportError
     monkeypatch.setenv("HCLS_SITE_CONFIG", str(site_config(tmp_path, generated).path))
-    assert lnd.check_main(["--check", "--config", str(demo_job.client_path)]) == 0
+    assert check_cli(lnd, demo_job) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["layout"] == "luna16" and summary["ok"] and summary["splits"]["val"]["series"] == 2
     empty_train = site_config(tmp_path, generated, luna16_split={"train": [2], "val": [8]})
     monkeypatch.setenv("HCLS_SITE_CONFIG", str(empty_train.path))
-    assert lnd.check_main(["--check", "--config", str(demo_job.client_path)]) == 1
+    assert check_cli(lnd, demo_job) == 1
     assert "hold no .mhd series" in capsys.readouterr().out
 
 
@@ -324,3 +338,9 @@ def test_missing_itk_is_named_before_training(monkeypatch, generated):
     monkeypatch.setattr(lnd.importlib.util, "find_spec", no_itk)
     message = scan_error(generated)
     assert "needs the 'itk' package; it is not installed" in message
+
+
+def check_cli(trainer_module, job) -> int:
+    """The trainer's ``--check --config`` command line, in this process."""
+    argv = ["--check", "--config", str(job.client_path)]
+    return trainer_module.data_check.main(trainer_module.JOB_NAME, trainer_module.check_data, argv)

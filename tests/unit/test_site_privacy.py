@@ -112,6 +112,35 @@ def test_site_counts_its_own_manifest(site, tmp_path):
     assert len(values) == 16 and first_patient(site, "PatientID") in values  # train and val studies
 
 
+@pytest.mark.parametrize("layout", ["chexpert-small", "nih"])
+def test_site_counts_public_cxr_releases_itself(tmp_path, layout):
+    """CheXpert: the frontal rows of train.csv (laterals not counted); NIH: the images of train_val_list.txt."""
+    datagen.generate_layout(layout, tmp_path, n_train=6, n_val=3, seed=1, size=16)
+    assert dataset.count_training_samples(tmp_path) == 6
+    if layout == "chexpert-small":
+        assert dataset.count_training_samples(tmp_path / "CheXpert-v1.0-small") == 6
+
+
+def test_site_counts_luna16_series_of_its_own_training_subsets(tmp_path):
+    for number in range(10):
+        (tmp_path / f"subset{number}").mkdir()
+    for number, uid in ((0, "1.2.3"), (3, "1.2.4"), (9, "1.2.5")):
+        (tmp_path / f"subset{number}" / f"{uid}.mhd").write_text("NDims = 3\n")
+    (tmp_path / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
+    assert dataset.count_training_samples(tmp_path) == 2  # default luna16_split.train: subsets 0-7
+    assert dataset.count_training_samples(tmp_path, {"luna16_split": {"train": [9], "val": [0]}}) == 1
+    with pytest.raises(ValueError, match="luna16_split.train must be a list"):
+        dataset.count_training_samples(tmp_path, {"luna16_split": {"train": 9}})
+
+
+def test_site_counts_an_msd_training_list(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background"}, "training": [{}, {}, {}]}))
+    assert dataset.count_training_samples(tmp_path) == 3
+    (tmp_path / "dataset.json").unlink()
+    with pytest.raises(ValueError, match="no training manifest"):
+        dataset.count_training_samples(tmp_path)
+
+
 def test_a_clean_result_passes_unchanged(site):
     dxo = weight_diff({"val_auc": 0.5})
     out = run_filter(site, POLICY, dxo)
