@@ -39,6 +39,10 @@ data: $(VENV) ## Generate demo data for every site into workspace/data (JOB= for
 deploy: $(VENV) ## Push kits and site configs with Ansible and start participants (SITE=, default all)
 	scripts/deploy.sh $(SITE)
 
+.PHONY: check-data
+check-data: $(VENV) ## Run each job's data check on a site's host, no training, no server (SITE=, JOB= default all, PROFILE=)
+	scripts/check_data.sh "$(or $(SITE),$(error SITE is not set: make check-data SITE=<site>))" "$(JOB)" "$(PROFILE)"
+
 .PHONY: submit
 submit: $(VENV) ## Build and submit a job through the admin kit (JOB=, PROFILE=demo, WAIT=1)
 	scripts/submit.sh "$(JOB)" "$(PROFILE)" "$(WAIT)"

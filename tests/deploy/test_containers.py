@@ -200,11 +200,23 @@ def test_sites_run_as_the_service_user_with_read_only_data(stack):
         site_config = json.loads(host.file("/workspace/local/site_config.json").content_string)
         assert site_config["site_name"] == site and site_config["data_root"] == data_root
         assert "ro" in host.mount_point(data_root).options
-        assert host.file(f"{data_root}/chexpert/train.csv").exists
+        assert host.file(f"{data_root}/{site_config['datasets']['cxr_classification']}/train.csv").exists
         assert host.run(f"touch {data_root}/written-by-a-job").rc != 0
         assert host.file("/workspace/local/custom/site_privacy").is_directory
         port = SERVER["fed_learn_port"]
         assert host.run(f"bash -c 'exec 3<>/dev/tcp/{SERVER['name']}/{port}'").rc == 0  # the server by its name
+
+
+def test_check_data_runs_in_the_participant_image(stack):
+    """make check-data over the compose inventory: the site's check runs in its image (docker run, no network)
+    with the service's data mount and site config; only the summary comes back."""
+    site, env = SITES[0], {**stack["env"], "INVENTORY": str(COMPOSE_INVENTORY)}
+    out = sh(REPO / "scripts" / "check_data.sh", site, "cxr_classification", env=env, timeout=300).stdout
+    assert f"== {site} cxr_classification: ok" in out, out
+    saved = stack["work"] / "workspace" / "check-data" / site / "cxr_classification.json"
+    summary = json.loads(saved.read_text())
+    assert summary["ok"] and summary["splits"]["training"]["images"] == int(TINY_CXR["CXR_N_TRAIN"])
+    assert str(stack["work"]) not in saved.read_text()
 
 
 def test_server_admin_and_tensorboard(stack):

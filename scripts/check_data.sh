@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Check a site's data for each job on the site's host, with its deployed configuration, without training and
+# without contacting the server:   scripts/check_data.sh SITE [JOB] [PROFILE]   (no JOB: every job)
+# Each job is built (as scripts/build_job.sh JOB PROFILE builds it) and its own check, custom/<app_script> --check,
+# runs on SITE's host over $INVENTORY as the site's trainers run (ansible/check_data.yml, flarectl.sh check-data).
+# Only the summaries come back: each is printed and kept in $HCLS_WORKSPACE/check-data/<SITE>/<JOB>.json. Exit
+# status 1 when any job's data has a problem or a check did not run (after every job's summary is printed).
+source "$(dirname "$0")/common.sh"
+site=${1:-} job=${2:-} profile=${3:-}
+
+clients() { project_yml '.participants[] | select(.type == "client") | .name'; }
+[[ -n $site ]] || die "SITE is not set (sites in $PROJECT_YML: $(clients | tr '\n' ' '))"
+clients | grep -qx -- "$site" || die "unknown SITE '$site' (sites in $PROJECT_YML: $(clients | tr '\n' ' '))"
+jobs=${job:-$(all_jobs)}
+for name in $jobs; do
+  [[ $name =~ ^[a-z0-9_]+$ ]] || die "unknown JOB '$name' (jobs: $(all_jobs | tr '\n' ' '))"
+  job_source "$name" >/dev/null
+done
+
+# Build each job as scripts/build_job.sh does, into a private folder (workspace/jobs/ is left as it is); what goes
+# to the host is one archive of each built app's config/ and custom/, as JOB/config and JOB/custom.
+out=$WORK/check-data
+stage=$(mktemp -d -t hcls-check-data.XXXXXX)
+trap 'rm -rf "$stage"' EXIT
+checks='[]'
+for name in $jobs; do
+  python -m ops.job_builder "$name" ${profile:+--profile "$profile"} --out "$stage/build/$name" >/dev/null
+  app=$stage/build/$name/app
+  script=$(jq -er '.app_script' "$app/config/config_fed_client.json") || die "the built $name has no client app_script"
+  mkdir -p "$stage/jobs/$name"
+  cp -R "$app/config" "$app/custom" "$stage/jobs/$name/"
+  checks=$(jq -c --arg name "$name" --arg script "$script" '. + [{name: $name, script: $script}]' <<<"$checks")
+  rm -f "$out/$site/$name.json"
+done
+find "$stage/jobs" -name __pycache__ -prune -exec rm -rf {} +
+tar -czf "$stage/jobs.tgz" -C "$stage/jobs" .
+
+export HCLS_PROJECT_YML=$PROJECT_YML   # for inventories that list the participants of project.yml (local/, compose/)
+# Ansible's own report goes to stderr; stdout carries the summaries.
+rc=0
+extra=$(jq -cn --argjson jobs "$checks" --arg archive "$stage/jobs.tgz" --arg out "$out" \
+  '{flare_check_jobs: $jobs, flare_check_archive: $archive, flare_check_out_dir: $out}')
+(cd "$REPO/ansible" && ansible-playbook -i "$INVENTORY" check_data.yml --limit "$site" -e "$extra") >&2 || rc=$?
+
+failed=()
+for name in $jobs; do
+  summary=$out/$site/$name.json
+  if [[ -f $summary ]] && jq -e 'has("ok")' "$summary" >/dev/null 2>&1; then
+    if jq -e '.ok == true' "$summary" >/dev/null; then
+      echo "== $site $name: ok"
+    else
+      echo "== $site $name: FAILED (errors: $(jq '.errors | length' "$summary"))"
+      failed+=("$name")
+    fi
+    cat "$summary"; echo
+  else
+    echo "== $site $name: no summary (the check did not run on $site: see Ansible's report above)"
+    failed+=("$name")
+  fi
+done
+echo "summaries: $out/$site/" >&2
+if (( ${#failed[@]} )); then
+  echo "check-data $site: failed: ${failed[*]}"
+  exit 1
+fi
+(( rc == 0 )) || die "ansible-playbook check_data.yml failed ($rc) though every summary is ok"
+echo "check-data $site: ok (${jobs//$'\n'/ })"
