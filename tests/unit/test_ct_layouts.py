@@ -442,8 +442,8 @@ def test_check_data_summary(tmp_path, generated, job):
     assert summary["ok"] and summary["errors"] == []
     assert {k: summary[k] for k in ("job", "dataset", "layout", "layout_from")} == {
         "job": "ct_segmentation", "dataset": "msd-dicom", "layout": "msd", "layout_from": "detected"}
-    assert summary["splits"] == {"training": {"file": "msd-dicom/dataset.json", "images": 2},
-                                 "validation": {"file": "msd-dicom/dataset.json", "images": 1}}  # fmt: skip
+    assert summary["splits"] == {"training": {"file": "msd-dicom/dataset.json", "images": 2, "dicom_series": 2},
+                                 "validation": {"file": "msd-dicom/dataset.json", "images": 1, "dicom_series": 1}}  # fmt: skip
     assert set(summary["organs"]) == set(LABELS)
     assert summary["organs"]["liver"] == {"training": 2, "validation": 1}
     assert summary["organs"]["right_adrenal_gland"] == {"training": 0, "validation": 0}  # never drawn
@@ -451,7 +451,7 @@ def test_check_data_summary(tmp_path, generated, job):
     assert summary["source_labels"]["vertebrae"] == "background (unmapped)"
     project = ct.check_data(job, site_config(tmp_path, generated["project"]))
     assert project["ok"] and project["layout"] == "project" and "msd_split" not in project
-    assert project["splits"]["validation"] == {"file": "project/val_data.json", "images": 1}
+    assert project["splits"]["validation"] == {"file": "project/val_data.json", "images": 1, "dicom_series": 0}
     assert project["source_labels"] == {name: name for name in ["background", *LABELS]}
 
 
