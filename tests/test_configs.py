@@ -100,11 +100,12 @@ def test_production_server_config(built, job):
     assert config.num_rounds == rounds and config.key_metric == key_metric
     assert server["min_clients"] == len(SITES)
     fedavg, cse = server["workflows"]
-    assert fedavg["path"].endswith("ScatterAndGather")
+    assert fedavg["path"] == "hcls.fedavg.FedAvg"  # ScatterAndGather, bounded rounds, continues after a restart
     assert fedavg["args"]["min_clients"] == "{min_clients}" and fedavg["args"]["num_rounds"] == "{num_rounds}"
+    assert fedavg["args"]["train_timeout"] == "{train_timeout}" and server["train_timeout"] > 0
     assert cse["path"].endswith("CrossSiteModelEval")
     assert component(server, "aggregator")["path"].endswith("InTimeAccumulateWeightedAggregator")
-    assert component(server, "persistor")["path"].endswith("PTFileModelPersistor")
+    assert component(server, "persistor")["path"] == "hcls.fedavg.RoundPersistor"
     assert component(server, "model_selector")["args"]["key_metric"] == "{key_metric}"
     assert component(server, "tensorboard")["path"].endswith("TBAnalyticsReceiver")
     assert config.network["path"].endswith(net_cls)
@@ -117,6 +118,11 @@ def test_production_client_config(built, job):
     executor = config.client["executors"][0]
     assert set(executor["tasks"]) == {"train", "validate", "submit_model"}
     assert executor["executor"]["args"]["train_with_evaluation"] is True
+    # one trainer process per task: a killed or hung trainer costs its site one round, not the job
+    assert executor["executor"]["args"]["launch_once"] is False
+    assert executor["executor"]["args"]["heartbeat_timeout"] == "{trainer_heartbeat_timeout}"
+    assert executor["executor"]["args"]["task_wait_timeout"] == "{trainer_heartbeat_timeout}"  # stopped mid-handover
+    assert config.client["trainer_heartbeat_timeout"] > 0
     assert config.client["app_script"] == f"{job}.py"
     trainer = config.trainer()
     assert trainer["optimizer"]["name"] == optimizer
@@ -222,6 +228,24 @@ def test_bad_layers_are_named(tmp_path):
         job_builder.resolve("cxr_classification", "nope")
     with pytest.raises(job_builder.BuildError, match="unknown JOB 'cxr'"):
         job_builder.resolve("cxr")
+
+
+def test_fewer_sites_is_a_job_option_and_bad_fault_settings_are_named(tmp_path):
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text('{"server": {"min_clients": 1, "train_timeout": 90}}')
+    config = job_builder.resolve("cxr_classification", str(fewer))
+    assert config["server"]["min_clients"] == config["meta"]["min_clients"] == 1
+    assert config["server"]["train_timeout"] == 90
+    for layer, message in (
+        ({"server": {"min_clients": len(SITES) + 1}}, f"server.min_clients must be an integer from 1 to the {len(SITES)} "),
+        ({"server": {"min_clients": 0}}, "server.min_clients must be an integer from 1"),
+        ({"server": {"train_timeout": 0}}, "server.train_timeout must be a whole number of seconds > 0, got 0"),
+        ({"client": {"trainer_heartbeat_timeout": "60"}}, "client.trainer_heartbeat_timeout must be a whole number"),
+    ):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(layer))
+        with pytest.raises(job_builder.BuildError, match=rf"{re.escape(str(bad))}: {re.escape(message)}"):
+            job_builder.resolve("cxr_classification", str(bad))
 
 
 def test_build_job_script_prints_the_folder(tmp_path):

@@ -1,15 +1,18 @@
 """The NVFlare Client API loop that runs a job's ``Trainer`` at a site (as in NVFlare's hello-pt client).
 
 Every trainer script ends with ``client_loop.main(JOB_NAME, build)``; NVFlare's ClientAPIExecutor starts it as
-``python3 -u custom/<trainer>.py --config config/config_fed_client.json`` from the job's app folder.
+``python3 -u custom/<trainer>.py --config config/config_fed_client.json`` from the job's app folder, once per
+task (``launch_once`` false): a trainer that died or hung costs its site one round, and the next task starts a
+new one. So nothing the site needs later lives in the trainer's memory: its best local model is a file.
 """
 
 import argparse
-import copy
 import math
+import os
 import time
 from pathlib import Path
 
+import torch
 from monai.utils import set_determinism
 
 from hcls.job_config import JobConfig
@@ -51,14 +54,19 @@ def run(job_name: str, job: JobConfig, site: SiteConfig, trainer: Trainer) -> No
     dp_meta = trainer.dp_accounting or dict
     writer = SummaryWriter()
     writer.add_scalar("n_train", trainer.n_train, global_step=0)  # the model passport's training-sample count
-    best_local_state, best_local = None, -math.inf
+    state_dir = site_job_dir(flare.get_job_id())
+    best_path = state_dir / "best_local_model.pt"
+    if trainer.dp_accounting is not None:
+        trainer.dp_accounting.keep_in(state_dir / "dp_history.json")
     print(f"[{name}] {job_name}: n_train={trainer.n_train}" + (f" DP {dp_meta()}" if trainer.dp_accounting else ""))
 
     while flare.is_running():
         input_model = flare.receive()
         if flare.is_submit_model():
-            params = model.state_dict() if best_local_state is None else best_local_state
-            flare.send(FLModel(params=params, meta=dp_meta()))
+            best = load_best_local(best_path)
+            if best is None:
+                raise RuntimeError(f"[{name}] no best local model in {best_path}: this site never trained this job")
+            flare.send(FLModel(params=best["state_dict"], meta=dp_meta()))
             continue
 
         model.load_state_dict(input_model.params)
@@ -70,8 +78,9 @@ def run(job_name: str, job: JobConfig, site: SiteConfig, trainer: Trainer) -> No
         round_no, started = input_model.current_round, time.time()
         train_loss, steps = trainer.train()
         local = trainer.evaluate()[key_metric]
-        if local > best_local:  # nan never counts as better
-            best_local_state, best_local = copy.deepcopy(model.state_dict()), local
+        best = load_best_local(best_path)
+        if local > (best["value"] if best else -math.inf):  # nan never counts as better
+            save_best_local(best_path, model.state_dict(), local, round_no)
 
         writer.add_scalar("train_loss", train_loss, global_step=round_no)
         for metric, value in metrics.items():
@@ -87,3 +96,23 @@ def run(job_name: str, job: JobConfig, site: SiteConfig, trainer: Trainer) -> No
         )
         meta = {"NUM_STEPS_CURRENT_ROUND": steps, **privacy}
         flare.send(FLModel(params=model.state_dict(), metrics=metrics, meta=meta))
+
+
+def site_job_dir(job_id: str) -> Path:
+    """``<site workspace>/job_state/<job id>``: what a site keeps of a job across its trainers (best local model,
+    DP accounting). Outside the job's run folder, which NVFlare deletes when it deploys the job again after a
+    server restart (a trainer runs in ``<site workspace>/<job id>/app_<site>``)."""
+    return Path.cwd().parents[1] / "job_state" / job_id
+
+
+def load_best_local(path: Path):
+    """``{"state_dict", "value", "round"}`` of the site's best local model so far, or None."""
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+def save_best_local(path: Path, state_dict: dict, value: float, round_no: int) -> None:
+    """Atomically: a trainer killed while saving leaves the previous best."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"state_dict": state_dict, "value": float(value), "round": round_no}, tmp)
+    os.replace(tmp, path)

@@ -1,5 +1,9 @@
 """Record-level differential privacy (DP-SGD with Opacus) for the sites that require it."""
 
+import json
+import os
+from pathlib import Path
+
 import torch.utils.data
 
 
@@ -10,7 +14,7 @@ def make_private(model, optimizer, loader, dp: dict, epochs: int):
     noise multiplier that Opacus' accountant (PRV) computes so that all ``epochs`` on Poisson-sampled
     batches spend at most ``dp['epsilon']`` at ``dp['delta']``. The model is hooked in place (no wrapper),
     so its state_dict keys stay those of the network the server aggregates. Returns the DP optimizer, the
-    Poisson-sampling loader and ``accounting()``: the DP meta of each result (epsilon spent so far).
+    Poisson-sampling loader and the ``Accounting`` (below).
     """
     from opacus import PrivacyEngine
 
@@ -25,11 +29,35 @@ def make_private(model, optimizer, loader, dp: dict, epochs: int):
         collate = loader.collate_fn or torch.utils.data.default_collate
         dp_loader.collate_fn.first_batch = collate([loader.dataset[0]])
 
-    def accounting() -> dict:
-        spent = engine.get_epsilon(dp["delta"]) if engine.accountant.history else 0.0
-        return {
-            "dp_epsilon": float(spent), "dp_delta": float(dp["delta"]), "dp_max_grad_norm": float(dp["max_grad_norm"]),
-            "dp_noise_multiplier": float(dp_optimizer.noise_multiplier),
-        }  # fmt: skip
+    return dp_optimizer, dp_loader, Accounting(engine, dp, dp_optimizer)
 
-    return dp_optimizer, dp_loader, accounting
+
+class Accounting:
+    """``accounting()``: the DP meta of a result (epsilon spent so far by every round of the job at this site).
+
+    A trainer runs one task and exits, so the accountant's history (noise multiplier, sample rate, steps) is kept
+    in a file (``keep_in``): read at start, written each time a result's accounting is taken, before it is sent.
+    Steps of a round whose result was never sent (the trainer died) release nothing and are not counted.
+    """
+
+    def __init__(self, engine, dp: dict, dp_optimizer):
+        self.engine, self.dp, self.dp_optimizer, self.path = engine, dp, dp_optimizer, None
+
+    def keep_in(self, path: Path) -> None:
+        self.path = Path(path)
+        if self.path.is_file():
+            self.engine.accountant.history = [tuple(h) for h in json.loads(self.path.read_text())]
+
+    def __call__(self) -> dict:
+        history = self.engine.accountant.history
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text(json.dumps(history))
+            os.replace(tmp, self.path)
+        spent = self.engine.get_epsilon(self.dp["delta"]) if history else 0.0
+        return {
+            "dp_epsilon": float(spent), "dp_delta": float(self.dp["delta"]),
+            "dp_max_grad_norm": float(self.dp["max_grad_norm"]),
+            "dp_noise_multiplier": float(self.dp_optimizer.noise_multiplier),
+        }  # fmt: skip

@@ -18,7 +18,7 @@ class Trainer:
     train: Callable[[], tuple[float, int]]  # one round of local training -> (mean batch loss, optimizer steps)
     evaluate: Callable[[], dict]  # metrics of the model's current weights, the job's key metric among them
     n_train: int  # training samples at this site (what the privacy policy's min_dataset_size counts)
-    dp_accounting: Callable[[], dict] | None = None  # DP meta of each result (epsilon spent), when the site runs DP
+    dp_accounting: Callable[[], dict] | None = None  # DP meta of each result (hcls.dp_sgd.Accounting) when the site runs DP
 
 
 def default_device() -> torch.device:

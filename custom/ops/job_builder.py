@@ -14,9 +14,11 @@ Merging: objects merge key by key, recursively; ``null`` deletes a key; a list w
 
 From ``provision/project.yml`` (the one list of sites): ``meta.resource_spec`` gives every client site the
 job's ``site_resources`` (none when null), and ``min_clients`` (meta and the FedAvg workflow, through the
-server config's ``{min_clients}``) defaults to the number of client sites. The job's code is ``custom/*.py``
-and the ``custom/hcls`` package; the site's own code (``custom/site_privacy``), the data generators and this
-tooling never travel with a job.
+server config's ``{min_clients}``) defaults to the number of client sites: every site must take part in every
+round. A layer may lower ``"server": {"min_clients": N}`` so that the job goes on with fewer sites; a round
+waits at most ``server.train_timeout`` seconds for them (see ``check_fault_tolerance``). The job's code is
+``custom/*.py`` and the ``custom/hcls`` package; the site's own code (``custom/site_privacy``), the server's
+(``custom/job_recovery``), the data generators and this tooling never travel with a job.
 """
 
 import argparse
@@ -123,18 +125,54 @@ def resolve(job: str, profile: str = "", project_yml: Path = REPO / "provision" 
         raise BuildError(f"unknown JOB '{job}' (jobs: {', '.join(jobs)})")
     config = base_layer()
     layers = [JOB_CONFIGS / job / "job.json"] + ([profile_path(job, profile)] if profile else [])
+    read = {}
     for path in layers:
-        config = merge(config, read_layer(path), str(path))
+        read[path] = read_layer(path)
+        config = merge(config, read[path], str(path))
     sites = client_sites(project_yml)
     resources = config.pop("site_resources", None)
     meta, server = config["meta"], config["server"]
     meta["resource_spec"] = {site: resources for site in sites} if resources else {}
     server.setdefault("min_clients", len(sites))
     meta.setdefault("min_clients", server["min_clients"])
+    check_fault_tolerance(config, sites, read)
     leftover = [f"{where}" for where in _remove_markers(config, "")]
     if leftover:
         raise BuildError(f"{', '.join(leftover)}: 'remove' of an id that no layer below defines")
     return config
+
+
+def _set_in(section: str, key: str, layers: dict) -> str:
+    """The file that set ``section.key`` last (the layer files, then the base), for error messages."""
+    for path in reversed(list(layers)):
+        if key in layers[path].get(section, {}):
+            return f"{path}: {section}.{key}"
+    base = {"server": "config_fed_server.json", "client": "config_fed_client.json"}[section]
+    return f"{JOB_CONFIGS / 'base' / base}: {key}"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_fault_tolerance(config: dict, sites: list, layers: dict) -> None:
+    """How many sites a round needs and how long it waits for them: clear errors naming the file and field.
+
+    ``server.min_clients`` (default: every client site of project.yml) sites must send a result for a round to
+    count; ``server.train_timeout`` seconds bound a round (a site that has not answered by then is left out);
+    ``client.trainer_heartbeat_timeout`` seconds of silence from a site's trainer (hung, stopped; also while it is
+    handed its task) end its task.
+    """
+    min_clients = config["server"]["min_clients"]
+    if not _is_int(min_clients) or not 1 <= min_clients <= len(sites):
+        raise BuildError(
+            f"{_set_in('server', 'min_clients', layers)} must be an integer from 1 to the {len(sites)} client "
+            f"sites of project.yml, got {min_clients!r}"
+        )
+    for section, key in (("server", "train_timeout"), ("client", "trainer_heartbeat_timeout")):
+        value = config[section].get(key)
+        if not _is_int(value) or value <= 0:
+            raise BuildError(f"{_set_in(section, key, layers)} must be a whole number of seconds > 0, got {value!r}")
 
 
 def _remove_markers(value, where):

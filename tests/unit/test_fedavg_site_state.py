@@ -1,0 +1,57 @@
+"""What a site keeps of a job across its one-task trainers, on real torch and Opacus objects: the best local model
+(for cross-site validation) and the DP accountant's history (epsilon spent by every earlier round)."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "custom"))
+from hcls.client_loop import load_best_local, save_best_local  # noqa: E402
+from hcls.dp_sgd import make_private  # noqa: E402
+
+DP = {"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}
+
+
+def test_the_best_local_model_is_a_file(tmp_path):
+    path = tmp_path / "job_state" / "job" / "best_local_model.pt"
+    assert load_best_local(path) is None
+    model = torch.nn.Linear(3, 2)
+    save_best_local(path, model.state_dict(), 0.6, round_no=2)
+    best = load_best_local(path)
+    assert (best["value"], best["round"]) == (0.6, 2)
+    assert all(torch.equal(best["state_dict"][k], v) for k, v in model.state_dict().items())
+    assert not list(path.parent.glob(".*.tmp"))
+
+
+def one_trainer(history: Path):
+    """A trainer process's DP-SGD: a tiny model, Poisson batches; its accounting kept in ``history``."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3), torch.randn(16, 1))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    optimizer, dp_loader, accounting = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, DP, 2)
+    accounting.keep_in(history)
+    return model, optimizer, dp_loader, accounting
+
+
+def train_one_epoch(model, optimizer, loader):
+    for x, y in loader:
+        if len(x):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+
+
+def test_dp_spending_adds_up_across_trainers(tmp_path):
+    history = tmp_path / "dp_history.json"
+    model, optimizer, loader, accounting = one_trainer(history)
+    assert accounting()["dp_epsilon"] == 0.0
+    train_one_epoch(model, optimizer, loader)
+    first = accounting()["dp_epsilon"]  # taken before the round's result is sent: written to the file
+    assert 0 < first < DP["epsilon"] and history.is_file()
+
+    model, optimizer, loader, accounting = one_trainer(history)  # the next round's trainer
+    assert accounting()["dp_epsilon"] == first
+    train_one_epoch(model, optimizer, loader)
+    assert first < accounting()["dp_epsilon"] <= DP["epsilon"]
