@@ -1,8 +1,11 @@
 """Three test hosts for deploying over real SSH: flare-server, hospital_a and hospital_b, each a
-network namespace on a bridge with its own address and its own sshd, and its own /etc, /opt and
-/root (bind mounts in the sshd's mount namespace). The hosts have the project venv at
-/opt/hcls-flare/venv, as production hosts do, and their demo data under /opt/data.
-Everything made here is removed at the end, also on failure, and first of all leftovers of a crashed run."""
+network namespace on a bridge with its own address, booted like a machine: a pid namespace whose PID 1
+is systemd (the host's supervisor of the participants), which runs the host's sshd as a unit. Each host
+has its own /etc, /opt, /root, /tmp and /run (bind mounts and a tmpfs in its mount namespace) and its own
+cgroup (hclsd/<host> in systemd's hierarchies); units a container does not need are masked in its /etc.
+The hosts have the project venv at /opt/hcls-flare/venv, as production hosts do, and their demo data
+under /opt/data. Everything made here is removed at the end, also on failure, and first of all leftovers
+of a crashed run."""
 
 import json
 import os
@@ -44,8 +47,20 @@ def veth(index: int) -> str:
     return f"{PREFIX}-v{index}"
 
 
+# systemd's own cgroup hierarchies; every host's systemd is rooted in hclsd/<host> of each.
+CGROUPS = {"systemd": "-t cgroup -o none,name=systemd cgroup", "unified": "-t cgroup2 cgroup2"}
+# Units of this machine's systemd that a test host must not run: they would act on the whole machine
+# (tmpfiles clean /tmp and /var, udev, sysctl, kernel mounts) or need a console, D-Bus or logind.
+# Every unit the distribution's targets pull in is masked, except journald (the units' logs).
+KEEP_UNITS = {"systemd-journald.service", "systemd-journald.socket", "systemd-journald-dev-log.socket"}
+EXTRA_MASKED = ["getty.target", "console-getty.service", "dbus.service", "systemd-logind.service",
+                "systemd-tmpfiles-clean.service", "systemd-update-utmp.service", "systemd-networkd.service",
+                "systemd-remount-fs.service"]  # fmt: skip
+
+
 def remove_hosts():
-    """Kill every process in our namespaces (sshd, participants, trainers), delete namespaces and bridge."""
+    """Kill every process in our namespaces (systemd, sshd, participants, trainers), delete namespaces,
+    bridge and the hosts' cgroups."""
     existing = sh("ip", "netns", "list", check=False)
     for index in range(len(HOSTS)):
         if netns(index) not in existing:
@@ -55,29 +70,69 @@ def remove_hosts():
         sh("ip", "netns", "del", netns(index), check=False)
     for link in [veth(i) for i in range(len(HOSTS))] + [BRIDGE]:
         sh("ip", "link", "del", link, check=False)
+    for hierarchy in CGROUPS:
+        remove_cgroup(Path("/sys/fs/cgroup") / hierarchy / PREFIX)
 
 
-def start_sshd(index: int, name: str, address: str, root: Path, client_key: Path) -> subprocess.Popen:
-    """One host: namespace, veth on the bridge, private /etc /opt /root, sshd on ADDRESS:22."""
+def remove_cgroup(top: Path, timeout: float = 10):
+    """rmdir a cgroup tree, deepest first, once the killed processes have left it."""
+    deadline = time.monotonic() + timeout
+    while top.exists():
+        for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [top]:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"cgroup {top} still busy: {sh('find', top, '-name', 'cgroup.procs', check=False)}")
+        time.sleep(0.2)
+
+
+def make_host(index: int, name: str, address: str, root: Path, client_key: Path):
+    """One host's files and network: private /etc (sshd as a systemd unit, units masked), /opt, /root, /tmp;
+    namespace and veth on the bridge with ADDRESS."""
     host = root / name
     shutil.copytree("/etc", host / "etc", symlinks=True)
-    (host / "etc" / "hosts").write_text(f"127.0.0.1 localhost\n{address} {name}\n")
+    etc = host / "etc"
+    (etc / "hosts").write_text(f"127.0.0.1 localhost\n{address} {name}\n")
+    (etc / "fstab").write_text("")
     for db in ("passwd", "shadow", "group", "gshadow"):  # a fresh host: no service user yet
-        path = host / "etc" / db
+        path = etc / db
         if path.exists():
             kept = [line for line in path.read_text().splitlines(True) if not line.startswith("flare:")]
             path.write_text("".join(kept))
+    # systemd: nothing of this machine's enabled units or init scripts; journal in memory only.
+    units = etc / "systemd" / "system"
+    shutil.rmtree(units)
+    units.mkdir()
+    for link in etc.glob("rc?.d/S*"):
+        link.unlink()
+    (etc / "systemd" / "journald.conf").write_text("[Journal]\nStorage=volatile\n")
+    wanted = {u.name for u in Path("/lib/systemd/system").glob("*.wants/*")}
+    for unit in sorted(wanted - KEEP_UNITS) + EXTRA_MASKED:
+        if not (units / unit).is_symlink():
+            (units / unit).symlink_to("/dev/null")
+    (units / "hclsd-sshd.service").write_text(
+        f"[Unit]\nDescription=sshd of test host {name}\n[Service]\n"
+        "ExecStart=/usr/sbin/sshd -D -e -f /etc/hclsd-ssh/sshd_config\nRuntimeDirectory=sshd\nKillMode=process\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
+    (units / "multi-user.target.wants").mkdir()
+    (units / "multi-user.target.wants" / "hclsd-sshd.service").symlink_to(units / "hclsd-sshd.service")
     (host / "opt" / "hcls-flare" / "venv").mkdir(parents=True)
     (host / "root").mkdir(mode=0o711)
-    base = Path(sys.base_prefix)  # the venv's python must be reachable from the host's /root too
-    binds = [(REPO / ".venv", host / "opt" / "hcls-flare" / "venv")]  # read-only, into the host's tree first
+    (host / "tmp").mkdir()
+    (host / "tmp").chmod(0o1777)
+    base = Path(sys.base_prefix)  # boot_host binds the venv's python there
     if base.is_relative_to("/root"):
-        binds.append((base, host / "root" / base.relative_to("/root")))
-        binds[-1][1].mkdir(parents=True)
-    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", host / "ssh_host_key")
-    (host / "authorized_keys").write_text(Path(f"{client_key}.pub").read_text())
-    (host / "sshd_config").write_text(
-        f"ListenAddress {address}\nHostKey {host}/ssh_host_key\nAuthorizedKeysFile {host}/authorized_keys\n"
+        (host / "root" / base.relative_to("/root")).mkdir(parents=True)
+    # The host's sshd reads its files from the host's own /etc (its /tmp, where pytest keeps this, is private).
+    ssh = etc / "hclsd-ssh"
+    ssh.mkdir()
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", ssh / "ssh_host_key")
+    (ssh / "authorized_keys").write_text(Path(f"{client_key}.pub").read_text())
+    (ssh / "sshd_config").write_text(
+        f"ListenAddress {address}\nHostKey /etc/hclsd-ssh/ssh_host_key\nAuthorizedKeysFile /etc/hclsd-ssh/authorized_keys\n"
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
         "UsePAM no\nStrictModes no\nPidFile none\nSubsystem sftp internal-sftp\n"
     )
@@ -86,15 +141,36 @@ def start_sshd(index: int, name: str, address: str, root: Path, client_key: Path
     sh("ip", "link", "set", veth(index), "master", BRIDGE, "up")
     for cmd in ("addr add {address}/24 dev eth0", "link set eth0 up", "link set lo up"):
         sh("ip", "netns", "exec", netns(index), "ip", *cmd.format(address=address).split())
-    script = "set -e; mkdir -p /run/sshd\n"
+
+
+def boot_host(index: int, name: str, root: Path) -> subprocess.Popen:
+    """Boot host NAME: in its network namespace, a new pid and mount namespace whose PID 1 becomes systemd,
+    with the host's own cgroup, /run, /tmp, /etc, /opt and /root. Killing the returned process (unshare,
+    --kill-child) kills the whole host, as pulling its plug would; booting again brings up what is enabled."""
+    host = root / name
+    binds = [(REPO / ".venv", host / "opt" / "hcls-flare" / "venv")]  # read-only, into the host's tree first
+    base = Path(sys.base_prefix)  # the venv's python must be reachable from the host's /root too
+    if base.is_relative_to("/root"):
+        binds.append((base, host / "root" / base.relative_to("/root")))
+    script = "set -e; mount --make-rprivate /\n"
+    # ip netns exec gave us a fresh /sys: mount systemd's hierarchies only (no resource controllers, so the
+    # host's processes stay in this machine's memory and cpu cgroups) and enter this host's cgroup.
+    script += "mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup\n"
+    for hierarchy, mount in CGROUPS.items():
+        cgroup = f"/sys/fs/cgroup/{hierarchy}"
+        script += f"mkdir {cgroup}; mount {mount} {cgroup}; mkdir -p {cgroup}/{PREFIX}/{name}\n"
+        script += f"echo $$ > {cgroup}/{PREFIX}/{name}/cgroup.procs\n"
     script += "".join(f"mount --bind {src} {dst}; mount -o remount,bind,ro {dst}\n" for src, dst in binds)
-    script += "".join(f"mount --rbind {host}{path} {path}\n" for path in ("/etc", "/opt", "/root"))
-    script += f"exec /usr/sbin/sshd -D -e -f {host}/sshd_config\n"
-    log = open(root / f"{name}.sshd.log", "w")
+    script += "".join(f"mount --rbind {host}{path} {path}\n" for path in ("/etc", "/opt", "/root", "/tmp"))
+    script += "mount -t tmpfs -o mode=755 tmpfs /run\n"
+    # container=: systemd behaves as a container's init (keeps this stdout, touches no console or hardware).
+    script += "exec env -i container=hclsd /lib/systemd/systemd --system --unit=multi-user.target --show-status=false\n"
+    log = open(root / f"{name}.boot.log", "a")
     return subprocess.Popen(
-        ["ip", "netns", "exec", netns(index), "unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        ["ip", "netns", "exec", netns(index), "unshare", "--pid", "--fork", "--kill-child", "--mount-proc",
+         "--mount", "--propagation", "private", "sh", "-c", script],
         stdout=log, stderr=subprocess.STDOUT,
-    )
+    )  # fmt: skip
 
 
 def wait_for_ssh(address: str, key: Path, timeout: float = 30):
@@ -149,24 +225,35 @@ def ssh_hosts(tmp_path_factory):
     root = tmp_path_factory.mktemp("ssh_hosts")
     key = root / "id_ed25519"
     sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key)
-    sshds = []
+    booted = {}
     try:
         sh("ip", "link", "add", BRIDGE, "type", "bridge")
         sh("ip", "addr", "add", f"{BRIDGE_ADDR}/24", "dev", BRIDGE)
         sh("ip", "link", "set", BRIDGE, "up")
         for index, (name, address) in enumerate(HOSTS.items()):
-            sshds.append(start_sshd(index, name, address, root, key))
+            make_host(index, name, address, root, key)
+            booted[name] = boot_host(index, name, root)
         for address in HOSTS.values():
             wait_for_ssh(address, key)
+
+        def reboot(name: str) -> float:
+            """Kill host NAME's whole pid namespace and boot it again; seconds until its sshd answers."""
+            booted[name].kill()
+            booted[name].wait(timeout=30)
+            started = time.monotonic()
+            booted[name] = boot_host(list(HOSTS).index(name), name, root)
+            wait_for_ssh(HOSTS[name], key)
+            return time.monotonic() - started
+
         # The coordinator (this machine) resolves the server name only for the admin's own processes.
         (root / "coordinator_hosts").write_text(f"127.0.0.1 localhost\n{HOSTS['flare-server']} flare-server\n")
         env = dict(os.environ, HCLS_WORKSPACE=str(root / "coordinator"), MODELS_DIR=str(root / "models"),
                    INVENTORY=str(write_inventory(root / "hosts.yml", key)), SERVER_HOST="flare-server",
                    ANSIBLE_CONFIG=str(REPO / "ansible" / "ansible.cfg"), **TINY_DATA)  # fmt: skip
-        yield {"root": root, "key": key, "inventory": Path(env["INVENTORY"]), "env": env}
+        yield {"root": root, "key": key, "inventory": Path(env["INVENTORY"]), "env": env, "reboot": reboot}
     finally:
-        for sshd in sshds:
-            sshd.kill()
+        for host in booted.values():
+            host.kill()
         remove_hosts()
 
 
@@ -181,13 +268,20 @@ def provisioned(ssh_hosts):
     return ssh_hosts
 
 
-def run(*args, env, check=True, timeout=900, coordinator=False):
-    """scripts/ARGS[0] ARGS[1:]; coordinator=True: with /etc/hosts resolving flare-server to the server
-    host, for the admin's processes only (a private mount namespace), as a coordinator's DNS would."""
-    cmd = [str(REPO / "scripts" / args[0]), *args[1:]]
+def command(*args, env, coordinator=False) -> list:
+    """scripts/ARGS[0] ARGS[1:] (or ARGS as they are when ARGS[0] is an absolute path); coordinator=True: with
+    /etc/hosts resolving flare-server to the server host, for the admin's processes only (a private mount
+    namespace), as a coordinator's DNS would."""
+    cmd = [str(args[0] if Path(args[0]).is_absolute() else REPO / "scripts" / args[0]), *map(str, args[1:])]
     if coordinator:
         hosts = Path(env["HCLS_WORKSPACE"]).parent / "coordinator_hosts"
         cmd = ["unshare", "--mount", "sh", "-c", f'mount --bind {hosts} /etc/hosts && exec "$0" "$@"', *cmd]
+    return cmd
+
+
+def run(*args, env, check=True, timeout=900, coordinator=False):
+    """command(ARGS...) run to its end (see command)."""
+    cmd = command(*args, env=env, coordinator=coordinator)
     started = time.monotonic()
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     result.seconds = time.monotonic() - started
