@@ -11,6 +11,9 @@ WAIT ?=
 DEST ?=
 KEEP ?=
 HE ?=
+FORCE ?=
+TIMEOUT ?=
+export FORCE TIMEOUT
 INVENTORY ?= ansible/inventories/local/hosts.sh
 export INVENTORY := $(abspath $(INVENTORY))
 
@@ -19,7 +22,7 @@ VENV := .venv/.installed
 .PHONY: help
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: SITE=<participant> JOB=<job or job folder> JOB_ID= PROFILE=demo WAIT=1 DEST=<dir> KEEP=1 HE=1 SERVER_HOST=<server name> INVENTORY=<file>"
+	@echo "  variables: SITE=<participant> JOB=<job or job folder> JOB_ID= PROFILE=demo WAIT=1 TIMEOUT=<s> DEST=<dir> KEEP=1 HE=1 FORCE=1 SERVER_HOST=<server name> INVENTORY=<file>"
 
 $(VENV): requirements.txt
 	scripts/setup.sh
@@ -36,7 +39,7 @@ data: $(VENV) ## Generate demo data for every site into workspace/data (JOB= for
 	scripts/generate_data.sh $(JOB)
 
 .PHONY: deploy
-deploy: $(VENV) ## Push kits and site configs with Ansible and start participants (SITE=, default all)
+deploy: $(VENV) ## Push kits and site configs with Ansible and (re)start participants between jobs (SITE=, default all; FORCE=1 restarts during a job)
 	scripts/deploy.sh $(SITE)
 
 .PHONY: check-data
@@ -44,8 +47,16 @@ check-data: $(VENV) ## Run each job's data check on a site's host, no training, 
 	scripts/check_data.sh "$(or $(SITE),$(error SITE is not set: make check-data SITE=<site>))" "$(JOB)" "$(PROFILE)"
 
 .PHONY: submit
-submit: $(VENV) ## Build and submit a job through the admin kit (JOB=, PROFILE=demo, WAIT=1)
+submit: $(VENV) ## Build and submit a job through the admin kit (JOB=, PROFILE=demo, WAIT=1, TIMEOUT=)
 	scripts/submit.sh "$(JOB)" "$(PROFILE)" "$(WAIT)"
+
+.PHONY: wait
+wait: $(VENV) ## Follow a submitted job until it ends, reconnecting if the server goes away (JOB_ID=, TIMEOUT=)
+	scripts/wait.sh "$(or $(JOB_ID),$(error JOB_ID is not set: make wait JOB_ID=<id>))"
+
+.PHONY: abort
+abort: $(VENV) ## Abort a running job on the server and every site (JOB_ID=)
+	scripts/abort.sh "$(or $(JOB_ID),$(error JOB_ID is not set: make abort JOB_ID=<id>))"
 
 .PHONY: fetch-model
 fetch-model: $(VENV) ## Download the best global model to models/<JOB>/ (JOB=, JOB_ID=, DEST=)

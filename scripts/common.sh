@@ -15,6 +15,12 @@ export PYTHONPATH=$REPO/custom${PYTHONPATH:+:$PYTHONPATH}
 
 die() { echo "error: $*" >&2; exit 1; }
 
+# TIMEOUT (environment) of submit WAIT=1 and wait: seconds > 0, or empty for no limit.
+check_timeout() {
+  [[ -z ${TIMEOUT:-} || $TIMEOUT =~ ^[1-9][0-9]*$ ]] \
+    || die "TIMEOUT must be a whole number of seconds > 0, not '$TIMEOUT' (empty: follow the job until it ends)"
+}
+
 project_yml() {
   yq -r "$1" "$PROJECT_YML" 2>/dev/null || die "$PROJECT_YML is not valid YAML (yq '$1' failed)"
 }

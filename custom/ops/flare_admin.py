@@ -1,27 +1,30 @@
 """Coordinator-side FLARE admin operations through the FLARE API (mutual TLS, admin startup kit).
 
-    python -m ops.flare_admin submit  --kit KIT --job-dir DIR [--wait]
-    python -m ops.flare_admin wait    --kit KIT --job-id ID
+    python -m ops.flare_admin submit  --kit KIT --job-dir DIR [--wait [--timeout S]]
+    python -m ops.flare_admin wait    --kit KIT --job-id ID [--timeout S]
+    python -m ops.flare_admin abort   --kit KIT --job-id ID
     python -m ops.flare_admin fetch   --kit KIT --job NAME --out models/NAME [--job-id ID] [--dest DIR]
     python -m ops.flare_admin status  --kit KIT
 
 Fetch reads everything (network, key metric, trainer settings) from the downloaded job's own definition,
 never from job_configs/: a job trained with any profile is fetched by its name alone.
 
-Errors are one line on stderr and exit code 1; nothing already fetched is overwritten
-until the new model is complete.
+Errors are one line on stderr and exit code 1 (2: the job was still running when the wait's timeout passed);
+nothing already fetched is overwritten until the new model is complete.
 """
 
 import argparse
 import hashlib
+import io
 import json
+import logging
 import os
 import re
 import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,19 +33,44 @@ from hcls.job_config import SERVER_CONFIG, JobConfig
 from ops import bundle
 
 COMPLETED = "FINISHED:COMPLETED"
+# Why a job ended other than COMPLETED, in the operator's words (the statuses of nvflare.apis.job_def.RunStatus).
+ENDED = {
+    "FINISHED:ABORTED": "it was aborted (make abort, or the server aborted it)",
+    "FINISHED:ABANDONED": "the server restarted while it ran and did not take it up again",
+    "FINISHED:FAILED_TO_RUN": "it never started: the sites or the server refused it",
+    "FINISHED:EXECUTION_EXCEPTION": "a participant's job raised an error",
+    "FINISHED:ABNORMAL": "its job process ended abnormally",
+    "FINISHED:CAN_NOT_SCHEDULE": "the server could not schedule it (sites or resources missing)",
+}
 PROGRESS = re.compile(
-    r"(Round \d+ started|Round \d+ finished|validation metric \S+ from client \S+"
+    r"(Round \d+ started|Round \d+ finished|round \d+: .*aggregated \d+ of \d+|validation metric \S+ from client \S+"
     r"|new best validation metric at round \d+: \S+|Cross-site|Task .*(error|exception)|Exception|ERROR)"
 )
 BEST = re.compile(r"new best validation metric at round (\d+): (\S+)")
+# In a site's job log, the last line of a traceback that the trainer process printed (NVFlare relays the trainer's
+# output at INFO under the launcher's name): the trainer's own error message, which names files and fields, never
+# values. NVFlare's own error lines around it are left out.
+TRAINER_ERROR = re.compile(r" - (?:ExternalProcessBackend|SubprocessLauncher) - INFO - (\w*(?:Error|Exception): .+)$")
+CONNECT_S = 30  # how long one connection attempt may take
+RETRY_S = (1.0, 30.0)  # reconnection backoff: first pause, longest pause
 
 
 class AdminError(Exception):
-    pass
+    exit_code = 1
 
 
-@contextmanager
-def session(kit: str):
+class StillRunning(AdminError):
+    """The overall timeout passed before the job ended; the job goes on (exit code 2)."""
+
+    exit_code = 2
+
+
+class ServerLost(Exception):
+    """The admin session failed (server down or restarting, link dropped): a new session may work."""
+
+
+def connect(kit: str, timeout: float = CONNECT_S):
+    """A new admin session with the startup kit ``kit`` (close it after use); ServerLost if the server is silent."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
     kit_path = Path(kit)
@@ -51,52 +79,177 @@ def session(kit: str):
         raise AdminError(f"admin startup kit {kit} has no startup/fed_admin.json: run 'make provision'")
     username = json.loads(fed_admin.read_text())["admin"]["username"]
     try:
-        sess = new_secure_session(username, str(kit_path), timeout=30)
+        with redirect_stdout(io.StringIO()):  # "Connecting to FLARE ..." at every attempt
+            return new_secure_session(username, str(kit_path), timeout=timeout)
     except Exception as e:  # the server is down or the kit belongs to another federation
+        raise ServerLost(f"{type(e).__name__}: {e}") from e
+
+
+def open_session(kit: str):
+    """``connect``, for a command's first session: a server that does not answer is an error, nothing to follow on."""
+    try:
+        return connect(kit)
+    except ServerLost as e:
         raise AdminError(f"cannot reach the FLARE server with {kit} ({e}): run 'make deploy' first") from e
+
+
+@contextmanager
+def session(kit: str):
+    sess = open_session(kit)
     try:
         yield sess
     finally:
         sess.close()
 
 
-def submit(kit: str, job_dir: str, wait: bool) -> str:
+def submit(kit: str, job_dir: str, wait: bool, timeout: float = None) -> str:
+    """Submit ``job_dir``; with ``wait``, follow the job until it ends (see ``follow``)."""
     with session(kit) as sess:
         try:
             job_id = sess.submit_job(os.path.abspath(job_dir))
         except Exception as e:  # the server validates the job folder and the submitter's rights
             raise AdminError(f"the server refused job folder {job_dir}: {e}") from e
-        print(f"submitted {Path(job_dir).name}: job id {job_id}", flush=True)
-        if wait:
-            wait_job(sess, job_id)
+    print(f"submitted {Path(job_dir).name}: job id {job_id}", flush=True)
+    if wait:
+        follow(kit, job_id, timeout)
     return job_id
 
 
-def wait_job(sess, job_id: str, poll_s: float = 3.0) -> str:
-    """Follow the job until it ends, printing rounds and metrics from the server's job log."""
-    printed = 0
-    while True:
+def abort(kit: str, job_id: str) -> None:
+    """Abort a job on the server and every site; a job that already ended is left as it is."""
+    from nvflare.fuel.flare_api.api_spec import JobNotRunning
+
+    with session(kit) as sess:
         status = job_status(sess, job_id)
-        lines = _server_log_lines(sess, job_id)
-        for line in lines[printed:]:
-            if PROGRESS.search(line):
-                print(f"  {_short(line)}", flush=True)
-        printed = max(printed, len(lines))
-        if status.startswith("FINISHED"):
-            break
-        time.sleep(poll_s)
-    print(f"job {job_id}: {status}", flush=True)
-    if status != COMPLETED:
-        raise AdminError(f"job {job_id} ended {status}; see the sites' log.txt")
-    return status
+        if _finished(status):
+            raise AdminError(f"job {job_id} already ended {status}: nothing to abort")
+        try:
+            sess.abort_job(job_id)
+        except JobNotRunning:  # it ended between the two calls
+            status = job_status(sess, job_id)
+            raise AdminError(f"job {job_id} already ended {status}: nothing to abort") from None
+        except Exception as e:
+            raise AdminError(f"the server did not abort job {job_id}: {e}") from e
+    print(f"job {job_id}: abort requested (it was {status}); make wait JOB_ID={job_id} shows its end", flush=True)
+
+
+def follow(kit: str, job_id: str, timeout: float = None, poll_s: float = 3.0) -> str:
+    """Follow the job until it ends: its status changes and the progress lines of the server's job log.
+
+    A failed admin session (server restarted, link dropped) is replaced by a new one, retried with a bounded
+    backoff, and the log is followed on without reprinting a line (lines carry their time to the millisecond,
+    so a line already printed is recognised even if the server's log was rewritten or cut to its tail).
+    A job that goes SUBMITTED or RUNNING again (taken up after a server restart) is followed on.
+    ``timeout`` bounds the whole follow in seconds (None: until the job ends). Returns FINISHED:COMPLETED;
+    any other end prints each site's reason and raises AdminError; the timeout raises StillRunning.
+    """
+    logging.getLogger("nvflare").setLevel(logging.CRITICAL)  # its warnings on a lost link: one line below says it
+    started = time.monotonic()
+    deadline = started + timeout if timeout else float("inf")
+    printed, status, lost, pause = set(), None, False, RETRY_S[0]
+    sess = open_session(kit)
+    try:
+        while True:
+            try:
+                if sess is None:
+                    sess = connect(kit, max(1.0, min(CONNECT_S, deadline - time.monotonic())))
+                    print("reconnected", flush=True)
+                    lost, pause = False, RETRY_S[0]
+                now = _call(job_status, sess, job_id)
+                lines = _call(_server_log_lines, sess, job_id)
+            except ServerLost as e:
+                _close(sess)
+                sess = None
+                if not lost:
+                    print(f"lost the server ({e}), reconnecting", flush=True)
+                    lost = True
+                if time.monotonic() >= deadline:
+                    raise StillRunning(_still(job_id, status, started, lost=True)) from None
+                time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+                pause = min(2 * pause, RETRY_S[1])
+                continue
+            for line in lines:
+                if PROGRESS.search(line) and line not in printed:
+                    printed.add(line)
+                    print(f"  {_short(line)}", flush=True)
+            if now != status:
+                status = now
+                print(f"job {job_id}: {status}", flush=True)
+            if _finished(status):
+                break
+            if time.monotonic() >= deadline:
+                raise StillRunning(_still(job_id, status, started))
+            time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
+        if status != COMPLETED:
+            for reason in site_reasons(sess, job_id, lines):
+                print(f"  {reason}", flush=True)
+            raise AdminError(f"job {job_id} ended {status}: {ENDED.get(status, 'see the reasons above')}")
+        return status
+    finally:
+        _close(sess)
+
+
+def _call(fn, sess, *args):
+    """``fn(sess, *args)``, any failure of the session but 'no such job' and 'not allowed' as ServerLost."""
+    from nvflare.fuel.flare_api.api_spec import AuthenticationError, AuthorizationError
+
+    try:
+        return fn(sess, *args)
+    except (AdminError, AuthenticationError, AuthorizationError):
+        raise
+    except Exception as e:
+        raise ServerLost(f"{type(e).__name__}: {e}") from e
+
+
+def _close(sess) -> None:
+    if sess is not None:
+        try:
+            sess.close()
+        except Exception:  # a session to a server that is gone cannot log out
+            pass
+
+
+def _finished(status: str) -> bool:
+    return status is not None and status.startswith("FINISHED")
+
+
+def _still(job_id: str, status, started: float, lost: bool = False) -> str:
+    where = f"{status or 'not seen'}" + (" (the server does not answer)" if lost else "")
+    return (f"job {job_id} is still {where} after {time.monotonic() - started:.0f} s; "
+            f"make wait JOB_ID={job_id} follows it again")  # fmt: skip
+
+
+def site_reasons(sess, job_id: str, server_lines: list) -> list:
+    """Why the sites did not run or finish the job, as far as the server knows: each site's answer when the
+    server deployed the job (a refusal, e.g. the site's privacy scope), the server's job log lines that report an
+    error and name a site, and the trainer's error lines from the job log of each site in trouble where the site
+    streams it to the server (resources.json ``allow_log_streaming``); a site that keeps its log says where it is.
+    """
+    try:
+        meta = sess.get_job_meta(job_id)
+        logs = sess.get_job_logs(job_id, target="all").get("logs", {})
+    except Exception as e:  # the server went away again: say so, the end status is known already
+        return [f"(no site reasons: the server did not answer: {e})"]
+    detail = meta.get("job_deploy_detail") or []  # ["server: OK", "<site>: NVFLARE_ERROR: ...", ...]
+    refused = [d for d in detail if not d.endswith(": OK")]
+    reasons = [d.replace("NVFLARE_ERROR: ", "") for d in refused]
+    deployed = sorted(d.split(": ", 1)[0] for d in detail if d.endswith(": OK") and not d.startswith("server:"))
+    errors = [line for line in server_lines if re.search(r" - (ERROR|WARNING) - ", line)]
+    named = [s for s in deployed if any(re.search(rf"\b{re.escape(s)}\b", line) for line in errors)]
+    reasons += [f"server: {_short(line)}" for line in errors if any(s in line for s in named)]
+    for site in named or deployed:  # the sites the server blames, else every site that ran the job
+        if site in logs:
+            lines = [m.group(1) for m in map(TRAINER_ERROR.search, logs[site].splitlines()) if m]
+            reasons += [f"{site}: {line}" for line in lines[-3:]]
+        else:
+            reasons.append(f"{site}: its job log stays on the site (not streamed to the server): "
+                           f"{job_id}/log.txt in its workspace")  # fmt: skip
+    return reasons
 
 
 def _server_log_lines(sess, job_id: str) -> list:
-    try:
-        logs = sess.get_job_logs(job_id, target="server").get("logs", {})
-    except Exception:  # the log is not there until the job runs
-        return []
-    text = next(iter(logs.values()), "") if logs else ""
+    logs = sess.get_job_logs(job_id, target="server").get("logs", {})  # no log yet: empty
+    text = logs.get("server", "")
     return text.splitlines() if isinstance(text, str) else []
 
 
@@ -211,6 +364,10 @@ def stage(result: Path, job_name: str, job_id: str, staged: Path) -> dict:
         "nvflare_version": _nvflare_version(),
         "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    rounds = _find(result / "workspace", "rounds.json")  # the server's round record (app_server/); older jobs: none
+    if rounds is not None:
+        info.update(_round_record(rounds, job_id))
+        shutil.copy(rounds, staged / "rounds.json")
     (staged / "best_model.json").write_text(json.dumps(info, indent=2) + "\n")
     cross_site = _find(result, "cross_val_results.json")
     if cross_site is not None:
@@ -231,7 +388,8 @@ def stage(result: Path, job_name: str, job_id: str, staged: Path) -> dict:
 def swap_in(staged: Path, out_dir: Path) -> None:
     """Replace ``out_dir``'s fetched files by the complete ``staged`` set (called only once it is complete)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / sparse_update.RESULT_FILE).unlink(missing_ok=True)  # from an earlier job
+    for earlier in (sparse_update.RESULT_FILE, "rounds.json"):  # an earlier job's, even if this one has none
+        (out_dir / earlier).unlink(missing_ok=True)
     shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)  # an earlier job's, even if this one has none
     for f in staged.iterdir():
         target = out_dir / f.name
@@ -261,6 +419,18 @@ def _plain_state_dict(model_path: Path, job: JobConfig) -> dict:
     except RuntimeError as e:
         raise AdminError(f"{model_path.name} does not load into the job's network {job.network['path']}: {e}") from e
     return net.state_dict()
+
+
+def _round_record(path: Path, job_id: str) -> dict:
+    """From the server's rounds.json: which sites contributed to each round and which were missing, and the
+    server restarts the job was resumed after (best_model.json's ``rounds`` and ``restarts``)."""
+    try:
+        record = json.loads(path.read_text())
+        rounds = [{"round": r["round"], "contributed": r["contributed"], "missing": r["missing"]}
+                  for r in record["rounds"]]  # fmt: skip
+        return {"rounds": rounds, "restarts": record.get("restarts", [])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise AdminError(f"job {job_id}: its {path.name} is not a round record ({type(e).__name__}: {e})") from e
 
 
 def _best_from_log(result: Path):
@@ -309,6 +479,13 @@ def status(kit: str) -> None:
             print(f"job {j['job_id']} {j.get('name')}: {j.get('status')} (submitted {j.get('submit_time_iso', '')[:19]})")
 
 
+def _seconds(text: str) -> float:
+    """A TIMEOUT value: a whole number of seconds > 0."""
+    if not re.fullmatch(r"[1-9][0-9]*", text):
+        raise argparse.ArgumentTypeError(f"TIMEOUT must be a whole number of seconds > 0, not {text!r}")
+    return float(text)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="flare_admin")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -316,9 +493,14 @@ def main(argv=None) -> int:
     s.add_argument("--kit", required=True)
     s.add_argument("--job-dir", required=True)
     s.add_argument("--wait", action="store_true")
+    s.add_argument("--timeout", type=_seconds, help="with --wait: stop following after this many seconds")
     w = sub.add_parser("wait")
     w.add_argument("--kit", required=True)
     w.add_argument("--job-id", required=True)
+    w.add_argument("--timeout", type=_seconds, help="stop following after this many seconds (default: no limit)")
+    ab = sub.add_parser("abort")
+    ab.add_argument("--kit", required=True)
+    ab.add_argument("--job-id", required=True)
     f = sub.add_parser("fetch")
     f.add_argument("--kit", required=True)
     f.add_argument("--job", required=True)
@@ -330,17 +512,18 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         if a.cmd == "submit":
-            submit(a.kit, a.job_dir, a.wait)
+            submit(a.kit, a.job_dir, a.wait, a.timeout)
         elif a.cmd == "wait":
-            with session(a.kit) as sess:
-                wait_job(sess, a.job_id)
+            follow(a.kit, a.job_id, a.timeout)
+        elif a.cmd == "abort":
+            abort(a.kit, a.job_id)
         elif a.cmd == "fetch":
             fetch(a.kit, a.job, a.out, a.job_id, a.dest)
         else:
             status(a.kit)
     except AdminError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     return 0
 
 
