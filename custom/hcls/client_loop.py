@@ -69,6 +69,7 @@ def run(job_name: str, job: JobConfig, site: SiteConfig, trainer: Trainer) -> No
             flare.send(FLModel(params=best["state_dict"], meta=dp_meta()))
             continue
 
+        input_model.params = shaped_like(model, input_model.params)  # the Client API diffs the result against it
         model.load_state_dict(input_model.params)
         metrics = trainer.evaluate()
         if flare.is_evaluate():
@@ -96,6 +97,17 @@ def run(job_name: str, job: JobConfig, site: SiteConfig, trainer: Trainer) -> No
         )
         meta = {"NUM_STEPS_CURRENT_ROUND": steps, **privacy}
         flare.send(FLModel(params=model.state_dict(), metrics=metrics, meta=meta))
+
+
+def shaped_like(model, params: dict) -> dict:
+    """``params`` with each tensor in the shape of the model's own. NVFlare's numpy -> torch conversion restores
+    shapes only from what the same trainer process sent before, and a trainer starts once per task: decrypted
+    HE weights arrive flat. A tensor of another size is left as it is, for load_state_dict to refuse."""
+    own = model.state_dict()
+    return {
+        k: v.reshape(own[k].shape) if k in own and v.shape != own[k].shape and v.numel() == own[k].numel() else v
+        for k, v in params.items()
+    }
 
 
 def site_job_dir(job_id: str) -> Path:

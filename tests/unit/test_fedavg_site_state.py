@@ -4,10 +4,11 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "custom"))
-from hcls.client_loop import load_best_local, save_best_local  # noqa: E402
+from hcls.client_loop import load_best_local, save_best_local, shaped_like  # noqa: E402
 from hcls.dp_sgd import make_private  # noqa: E402
 
 DP = {"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}
@@ -22,6 +23,16 @@ def test_the_best_local_model_is_a_file(tmp_path):
     assert (best["value"], best["round"]) == (0.6, 2)
     assert all(torch.equal(best["state_dict"][k], v) for k, v in model.state_dict().items())
     assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_a_new_trainer_takes_flat_weights_in_its_networks_shapes():
+    """Decrypted HE weights reach a freshly started trainer flat; a tensor of another size is still refused."""
+    source, model = torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(1, 4, 3)
+    model.load_state_dict(shaped_like(model, {k: v.flatten() for k, v in source.state_dict().items()}))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items())
+    wrong = {**source.state_dict(), "weight": torch.zeros(35)}
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
+        model.load_state_dict(shaped_like(model, wrong))
 
 
 def one_trainer(history: Path):
