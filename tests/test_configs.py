@@ -118,8 +118,9 @@ def test_production_client_config(built, job):
     executor = config.client["executors"][0]
     assert set(executor["tasks"]) == {"train", "validate", "submit_model"}
     assert executor["executor"]["args"]["train_with_evaluation"] is True
-    # one trainer process per task: a killed or hung trainer costs its site one round, not the job
-    assert executor["executor"]["args"]["launch_once"] is False
+    # one trainer process per job, started again after it was lost: a killed or hung trainer costs its site one round
+    assert executor["executor"]["path"] == "hcls.trainer_executor.RelaunchingClientAPIExecutor"
+    assert executor["executor"]["args"]["launch_once"] is True
     assert executor["executor"]["args"]["heartbeat_timeout"] == "{trainer_heartbeat_timeout}"
     assert executor["executor"]["args"]["task_wait_timeout"] == "{trainer_heartbeat_timeout}"  # stopped mid-handover
     assert config.client["trainer_heartbeat_timeout"] > 0

@@ -2,8 +2,8 @@
 
 Every trainer script ends with ``client_loop.main(JOB_NAME, build)``; NVFlare's ClientAPIExecutor starts it as
 ``python3 -u custom/<trainer>.py --config config/config_fed_client.json`` from the job's app folder, once per
-task (``launch_once`` false): a trainer that died or hung costs its site one round, and the next task starts a
-new one. So nothing the site needs later lives in the trainer's memory: its best local model is a file.
+job, and again at the next task after it died or hung (``hcls.trainer_executor``): that costs its site one
+round. So nothing the site needs later lives only in the trainer's memory: its best local model is a file.
 """
 
 import argparse

@@ -130,6 +130,7 @@ def test_a_killed_or_stopped_trainer_costs_its_site_one_round(deployed, env, tmp
 
     # Round 0: hospital_b's trainer is killed; the round goes on with hospital_a.
     killed = poll("hospital_b's round-0 trainer", lambda: trainer(env, "hospital_b", job_id), 120)
+    first_a = poll("hospital_a's trainer", lambda: trainer(env, "hospital_a", job_id), 60)
     killed.send_signal(signal.SIGKILL)
     killed_at = time.time()
     round0 = poll("round 0", lambda: finished_round(env, job_id, 0), 120)
@@ -139,9 +140,11 @@ def test_a_killed_or_stopped_trainer_costs_its_site_one_round(deployed, env, tmp
     started = epoch(poll("round 1 to start", lambda: started_round(env, job_id, 1), 60)["started"])
     poll("hospital_a's round-1 trainer to take its task", lambda: site_log(env, "hospital_a", job_id).count(
         "sending TASK_READY for 'train'") == 2, 120)  # after its HELLO: from now on its heartbeats count
-    stopped = poll("hospital_a's round-1 trainer", lambda: trainer(env, "hospital_a", job_id, since=started - 1), 10)
+    stopped = trainer(env, "hospital_a", job_id)
+    assert stopped.pid == first_a.pid  # one trainer per site and job, kept across tasks
     stopped.send_signal(signal.SIGSTOP)
     stopped_at = time.time()
+    poll("a new trainer for hospital_b", lambda: trainer(env, "hospital_b", job_id, since=killed_at), 60)
     round1 = poll("round 1", lambda: finished_round(env, job_id, 1), 90)
     dropped_after = epoch(round1["finished"]) - stopped_at
     assert (round1["contributed"], round1["missing"]) == (["hospital_b"], ["hospital_a"])

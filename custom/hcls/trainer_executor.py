@@ -1,0 +1,80 @@
+"""NVFlare's Client API executor with one trainer process per job that is started again when it is lost.
+
+NVFlare's ``ClientAPIExecutor`` (``execution_mode`` external_process) offers two lifetimes: a trainer per task
+(``launch_once`` false), which pays the trainer's start (imports, data loading) for every train, validate and
+submit_model task, and a trainer per job (``launch_once`` true), which latches an abort for the rest of the job
+once its trainer died or hung, so that site never takes part again. ``RelaunchingClientAPIExecutor`` keeps
+one trainer for the job and, when the next task arrives after the trainer was lost (process gone, heartbeat
+silent for ``heartbeat_timeout``), stops what is left of it and starts a new one: the site misses the task
+that was running and is back from the next. A run abort, an ended run and a lost result that another client
+was still downloading (which fails the job in NVFlare) are final, as in NVFlare.
+
+What a site needs across trainer processes lives in files (``client_loop``: best local model, DP history).
+"""
+
+import dataclasses
+
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.shareable import make_reply
+from nvflare.app_common.executors.client_api.external_process_backend import ExternalProcessBackend, _LaunchAborted
+from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
+from nvflare.security.logging import secure_format_traceback
+
+
+class RelaunchingBackend(ExternalProcessBackend):
+    """``ExternalProcessBackend`` (``launch_once`` true) that replaces a lost trainer at the next task.
+
+    The first trainer starts with the first task, not at the start of the run, so that a trainer that fails to
+    start (a data error) fails its task, which the server counts as a missing site, rather than the site's run.
+    """
+
+    def initialize(self, context, fl_ctx):
+        super().initialize(dataclasses.replace(context, launch_once=False), fl_ctx)
+        self._context = context
+
+    def _execute_admitted_task(self, task_name, shareable, fl_ctx, abort_signal):
+        if self._context.launch_once and not abort_signal.triggered:
+            lost = self._lost_trainer()
+            if lost and self._clear_abort_latch():
+                executor = self._context.executor
+                if self._active_launch is None:
+                    executor.log_info(fl_ctx, f"starting the trainer for task '{task_name}'")
+                else:
+                    executor.log_warning(fl_ctx, f"trainer lost ({lost}): starting a new one for task '{task_name}'")
+                    self._stop_trainer(self._active_launch, natural_exit_wait=0.0)
+                try:
+                    self._launch_trainer(timeout=self._context.launch_timeout, abort_signal=abort_signal)
+                except _LaunchAborted:
+                    return make_reply(ReturnCode.TASK_ABORTED)
+                except Exception:
+                    self._latch_abort(f"the new trainer did not start for task '{task_name}'")
+                    executor.log_error(fl_ctx, f"trainer relaunch failed: {secure_format_traceback()}")
+                    return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        return super()._execute_admitted_task(task_name, shareable, fl_ctx, abort_signal)
+
+    def _lost_trainer(self):
+        """Why the job's trainer cannot take a task (None while it can)."""
+        if self._abort:
+            return self._abort_reason or "trainer aborted"
+        trainer = self._active_launch
+        if trainer is None:
+            return "not started"
+        if not trainer.ready.is_set():
+            return "no established trainer session"
+        return self._trainer_liveness_error(trainer)
+
+    def _clear_abort_latch(self) -> bool:
+        """Reset a trainer-loss abort; False where the run itself is ending (abort, failure, shutdown)."""
+        with self._lifecycle_lock:
+            run_aborted = self._run_abort_signal is not None and self._run_abort_signal.triggered
+            if self._closed or self._terminal_intent is not None or run_aborted:
+                return False
+            self._abort, self._abort_reason = False, None
+            return True
+
+
+class RelaunchingClientAPIExecutor(ClientAPIExecutor):
+    """``ClientAPIExecutor`` whose external_process trainer is started again after it was lost."""
+
+    def _create_external_process_backend(self):
+        return RelaunchingBackend()
