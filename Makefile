@@ -13,9 +13,15 @@ KEEP ?=
 HE ?=
 FORCE ?=
 TIMEOUT ?=
-export FORCE TIMEOUT
+SERVER_HOST ?=
 INVENTORY ?= ansible/inventories/local/hosts.sh
-export INVENTORY := $(abspath $(INVENTORY))
+# The variables' values are data. Each keeps the text it was given ($(value): a '$(...)' in it is not expanded by
+# make), reaches the recipes only through the environment (recipes pass "$$SITE", which the shell expands as one
+# word, never $(SITE), which make would paste into the command line), and is checked by check-vars
+# (scripts/common.sh check_make_vars: a strict pattern per variable) before any target does anything.
+USER_VARS := SITE JOB JOB_ID PROFILE WAIT DEST KEEP HE FORCE TIMEOUT SERVER_HOST INVENTORY
+$(foreach v,$(USER_VARS),$(eval override $(v) := $$(value $(v))))
+export $(USER_VARS)
 
 VENV := .venv/.installed
 
@@ -24,84 +30,89 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: SITE=<participant> JOB=<job or job folder> JOB_ID= PROFILE=demo WAIT=1 TIMEOUT=<s> DEST=<dir> KEEP=1 HE=1 FORCE=1 SERVER_HOST=<server name> INVENTORY=<file>"
 
-$(VENV): requirements.txt
+# check-vars comes first: a target whose variables are wrong stops before setup or anything else runs.
+.PHONY: check-vars
+check-vars:
+	@source scripts/common.sh && check_make_vars
+
+$(VENV): requirements.txt | check-vars
 	scripts/setup.sh
 
 .PHONY: setup
-setup: $(VENV) ## Install Debian tools and the pinned project venv (.venv)
+setup: check-vars $(VENV) ## Install Debian tools and the pinned project venv (.venv)
 
 .PHONY: provision
-provision: $(VENV) ## Provision kits and mTLS certificates from provision/project.yml (keeps the root CA; HE=1 adds CKKS contexts)
-	scripts/provision.sh $(if $(HE),--he)
+provision: check-vars $(VENV) ## Provision kits and mTLS certificates from provision/project.yml (keeps the root CA; HE=1 adds CKKS contexts)
+	scripts/provision.sh
 
 .PHONY: data
-data: $(VENV) ## Generate demo data for every site into workspace/data (JOB= for one job)
-	scripts/generate_data.sh $(JOB)
+data: check-vars $(VENV) ## Generate demo data for every site into workspace/data (JOB= for one job)
+	scripts/generate_data.sh "$$JOB"
 
 .PHONY: deploy
-deploy: $(VENV) ## Push kits and site configs with Ansible and (re)start participants between jobs (SITE=, default all; FORCE=1 restarts during a job)
-	scripts/deploy.sh $(SITE)
+deploy: check-vars $(VENV) ## Push kits and site configs with Ansible and (re)start participants between jobs (SITE=, default all; FORCE=1 restarts during a job)
+	scripts/deploy.sh "$$SITE"
 
 .PHONY: check-data
-check-data: $(VENV) ## Run each job's data check on a site's host, no training, no server (SITE=, JOB= default all, PROFILE=)
-	scripts/check_data.sh "$(or $(SITE),$(error SITE is not set: make check-data SITE=<site>))" "$(JOB)" "$(PROFILE)"
+check-data: check-vars $(VENV) ## Run each job's data check on a site's host, no training, no server (SITE=, JOB= default all, PROFILE=)
+	$(if $(SITE),,$(error SITE is not set: make check-data SITE=<site>))scripts/check_data.sh "$$SITE" "$$JOB" "$$PROFILE"
 
 .PHONY: submit
-submit: $(VENV) ## Build and submit a job through the admin kit (JOB=, PROFILE=demo, WAIT=1, TIMEOUT=)
-	scripts/submit.sh "$(JOB)" "$(PROFILE)" "$(WAIT)"
+submit: check-vars $(VENV) ## Build and submit a job through the admin kit (JOB=, PROFILE=demo, WAIT=1, TIMEOUT=)
+	scripts/submit.sh "$$JOB" "$$PROFILE" "$$WAIT"
 
 .PHONY: wait
-wait: $(VENV) ## Follow a submitted job until it ends, reconnecting if the server goes away (JOB_ID=, TIMEOUT=)
-	scripts/wait.sh "$(or $(JOB_ID),$(error JOB_ID is not set: make wait JOB_ID=<id>))"
+wait: check-vars $(VENV) ## Follow a submitted job until it ends, reconnecting if the server goes away (JOB_ID=, TIMEOUT=)
+	$(if $(JOB_ID),,$(error JOB_ID is not set: make wait JOB_ID=<id>))scripts/wait.sh "$$JOB_ID"
 
 .PHONY: abort
-abort: $(VENV) ## Abort a running job on the server and every site (JOB_ID=)
-	scripts/abort.sh "$(or $(JOB_ID),$(error JOB_ID is not set: make abort JOB_ID=<id>))"
+abort: check-vars $(VENV) ## Abort a running job on the server and every site (JOB_ID=)
+	$(if $(JOB_ID),,$(error JOB_ID is not set: make abort JOB_ID=<id>))scripts/abort.sh "$$JOB_ID"
 
 .PHONY: fetch-model
-fetch-model: $(VENV) ## Download the best global model to models/<JOB>/ (JOB=, JOB_ID=, DEST=)
-	scripts/fetch_model.sh "$(JOB)" "$(JOB_ID)" "$(DEST)"
+fetch-model: check-vars $(VENV) ## Download the best global model to models/<JOB>/ (JOB=, JOB_ID=, DEST=)
+	scripts/fetch_model.sh "$$JOB" "$$JOB_ID" "$$DEST"
 
 .PHONY: image
-image: $(VENV) ## Build the participant image from NVIDIA's PyTorch image (BASE_IMAGE=) and requirements.txt
+image: check-vars $(VENV) ## Build the participant image from NVIDIA's PyTorch image (BASE_IMAGE=) and requirements.txt
 	scripts/build_image.sh production
 
 .PHONY: image-airgapped
-image-airgapped: $(VENV) ## Build the participant image with no registry: debootstrap base + local wheelhouse
+image-airgapped: check-vars $(VENV) ## Build the participant image with no registry: debootstrap base + local wheelhouse
 	scripts/build_image.sh airgapped
 
 .PHONY: compose-prepare
-compose-prepare: $(VENV) ## Single-node container stack: every participant as a compose service (Ansible), admin console, TensorBoard
+compose-prepare: check-vars $(VENV) ## Single-node container stack: every participant as a compose service (Ansible), admin console, TensorBoard
 	scripts/compose_prepare.sh
 
 .PHONY: compose-down
-compose-down: $(VENV) ## Stop the single-node container stack; workspaces and data stay
+compose-down: check-vars $(VENV) ## Stop the single-node container stack; workspaces and data stay
 	scripts/compose_prepare.sh down
 
 .PHONY: tensorboard
-tensorboard: $(VENV) ## Serve TensorBoard for the latest fetched run of JOB on port 6006
-	scripts/tensorboard.sh "$(JOB)"
+tensorboard: check-vars $(VENV) ## Serve TensorBoard for the latest fetched run of JOB on port 6006
+	scripts/tensorboard.sh "$$JOB"
 
 .PHONY: logs
-logs: $(VENV) ## Show the last lines of a participant's log.txt on its host (SITE=)
-	scripts/logs.sh "$(SITE)"
+logs: check-vars $(VENV) ## Show the last lines of a participant's log.txt on its host (SITE=)
+	scripts/logs.sh "$$SITE"
 
 .PHONY: stop
-stop: $(VENV) ## Stop one participant (SITE=); the others keep running
-	scripts/control.sh stop "$(or $(SITE),$(error SITE is not set: make stop SITE=<participant>))"
+stop: check-vars $(VENV) ## Stop one participant (SITE=); the others keep running
+	$(if $(SITE),,$(error SITE is not set: make stop SITE=<participant>))scripts/control.sh stop "$$SITE"
 
 .PHONY: status
-status: $(VENV) ## Show which participants run, and the server's jobs
+status: check-vars $(VENV) ## Show which participants run, and the server's jobs
 	scripts/status.sh
 
 .PHONY: down
-down: $(VENV) ## Stop every participant (SITE= for one); deployments and models stay
-	scripts/control.sh stop $(SITE)
+down: check-vars $(VENV) ## Stop every participant (SITE= for one); deployments and models stay
+	scripts/control.sh stop "$$SITE"
 
 .PHONY: demo
-demo: $(VENV) ## One-command local federation: provision, data, deploy, train all jobs (JOB= for one), fetch (KEEP=1 keeps it running)
-	scripts/demo.sh "$(KEEP)" $(JOB)
+demo: check-vars $(VENV) ## One-command local federation: provision, data, deploy, train all jobs (JOB= for one), fetch (KEEP=1 keeps it running)
+	scripts/demo.sh "$$KEEP" "$$JOB"
 
 .PHONY: test
-test: $(VENV) ## Run the test suite (unit, config, end-to-end federation)
+test: check-vars $(VENV) ## Run the test suite (unit, config, end-to-end federation)
 	.venv/bin/python -m pytest -q tests

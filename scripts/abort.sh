@@ -4,4 +4,6 @@
 source "$(dirname "$0")/common.sh"
 job_id=${1:-}
 [[ -n $job_id ]] || die "JOB_ID is not set: make abort JOB_ID=<id> ('make status' lists the jobs)"
-python -m ops.flare_admin abort --kit "$(admin_kit)" --job-id "$job_id"
+check_var JOB_ID "$job_id" job_id
+kit=$(admin_kit)
+python -m ops.flare_admin abort --kit "$kit" --job-id "$job_id"

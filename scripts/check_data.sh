@@ -10,11 +10,13 @@ site=${1:-} job=${2:-} profile=${3:-}
 
 clients() { project_yml '.participants[] | select(.type == "client") | .name'; }
 [[ -n $site ]] || die "SITE is not set (sites in $PROJECT_YML: $(clients | tr '\n' ' '))"
+check_var SITE "$site" participant
 clients | grep -qx -- "$site" || die "unknown SITE '$site' (sites in $PROJECT_YML: $(clients | tr '\n' ' '))"
-jobs=${job:-$(all_jobs)}
-for name in $jobs; do
-  [[ $name =~ ^[a-z0-9_]+$ ]] || die "unknown JOB '$name' (jobs: $(all_jobs | tr '\n' ' '))"
-  job_source "$name" >/dev/null
+check_var PROFILE "$profile" profile
+listed=$(job_list "$job")   # job_configs/ names separated by spaces; empty: every job
+mapfile -t jobs <<<"$listed"
+for name in "${jobs[@]}"; do
+  valid job_name "$name" || die "unknown JOB '$(shown "$name")' (jobs: $(all_jobs | tr '\n' ' ')): check-data runs jobs of job_configs/"
 done
 
 # Build each job as scripts/build_job.sh does, into a private folder (workspace/jobs/ is left as it is); what goes
@@ -23,7 +25,7 @@ out=$WORK/check-data
 stage=$(mktemp -d -t hcls-check-data.XXXXXX)
 trap 'rm -rf "$stage"' EXIT
 checks='[]'
-for name in $jobs; do
+for name in "${jobs[@]}"; do
   python -m ops.job_builder "$name" ${profile:+--profile "$profile"} --out "$stage/build/$name" >/dev/null
   app=$stage/build/$name/app
   script=$(jq -er '.app_script' "$app/config/config_fed_client.json") || die "the built $name has no client app_script"
@@ -43,7 +45,7 @@ extra=$(jq -cn --argjson jobs "$checks" --arg archive "$stage/jobs.tgz" --arg ou
 (cd "$REPO/ansible" && ansible-playbook -i "$INVENTORY" check_data.yml --limit "$site" -e "$extra") >&2 || rc=$?
 
 failed=()
-for name in $jobs; do
+for name in "${jobs[@]}"; do
   summary=$out/$site/$name.json
   if [[ -f $summary ]] && jq -e 'has("ok")' "$summary" >/dev/null 2>&1; then
     if jq -e '.ok == true' "$summary" >/dev/null; then
@@ -64,4 +66,4 @@ if (( ${#failed[@]} )); then
   exit 1
 fi
 (( rc == 0 )) || die "ansible-playbook check_data.yml failed ($rc) though every summary is ok"
-echo "check-data $site: ok (${jobs//$'\n'/ })"
+echo "check-data $site: ok (${jobs[*]})"

@@ -10,15 +10,96 @@ MODELS_DIR=${MODELS_DIR:-$REPO/models}
 PROJECT_YML=$REPO/provision/project.yml
 PROVISION_DIR=$WORK/provision
 INVENTORY=${INVENTORY:-$REPO/ansible/inventories/local/hosts.sh}
+[[ $INVENTORY == /* ]] || INVENTORY=$PWD/$INVENTORY   # ansible-playbook runs in ansible/: a relative path is the caller's
 export PATH=$VENV/bin:$PATH
 export PYTHONPATH=$REPO/custom${PYTHONPATH:+:$PYTHONPATH}
 
 die() { echo "error: $*" >&2; exit 1; }
 
+# ---- Values of `make` variables and script arguments --------------------------------------------------------------
+# A value (SITE=, JOB=, ... of `make`, a script's argument) is data: it is checked against a strict pattern before
+# anything uses it and reaches commands only as one quoted word, never re-parsed by make or the shell (the Makefile
+# passes "$$VAR", not $(VAR)). Each error names the variable and what it allows. Empty means "not set" and passes
+# (a script that needs the value says so).
+
+PATH_CHARS="letters, digits, space and _ . / + , = @ % : - (not starting with -)"
+
+# The value as an error shows it: control characters (a newline) as '?'.
+shown() { local v=$1; printf '%s' "${v//[^[:print:]]/?}"; }
+
+# valid KIND VALUE: whether VALUE is a KIND (see describe).
+valid() {
+  local kind=$1 value=$2 re
+  case $kind in
+    participant) re='^[A-Za-z0-9][A-Za-z0-9_.-]*$' ;;
+    job_name) re='^[a-z0-9_]+$' ;;
+    job_id) re='^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$' ;;
+    seconds) re='^[1-9][0-9]{0,8}$' ;;
+    number) re='^[0-9]{1,9}$' ;;
+    host) (( ${#value} <= 253 )) || return 1
+      re='^[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*$' ;;
+    path) re='^[A-Za-z0-9_./+,=@%:][A-Za-z0-9_./ +,=@%:-]*$' ;;
+    profile) [[ $value =~ ^[A-Za-z0-9_-]+$ ]] && return 0
+      [[ $value == *.json ]] && valid path "$value"; return ;;
+    *) die "valid: unknown kind '$kind'" ;;
+  esac
+  [[ $value =~ $re ]]
+}
+
+describe() {
+  case $1 in
+    participant) echo "a participant name: letters, digits, _ . - (starting with a letter or digit)" ;;
+    job_name) echo "a job name: lower-case letters, digits, _" ;;
+    job_id) echo "an NVFlare job id: a UUID (8-4-4-4-12 hexadecimal digits)" ;;
+    seconds) echo "a whole number of seconds > 0: digits" ;;
+    number) echo "a number: digits" ;;
+    host) echo "a host name: letters, digits, _ - in labels separated by dots" ;;
+    path) echo "a path: $PATH_CHARS" ;;
+    profile) echo "a profile name (letters, digits, _ -) or a .json file (a path: $PATH_CHARS)" ;;
+  esac
+}
+
+# check_var NAME VALUE KIND: die naming NAME and what KIND allows, unless VALUE is empty or a KIND.
+check_var() {
+  [[ -z $2 ]] || valid "$3" "$2" || die "$1='$(shown "$2")' is not $(describe "$3")"
+}
+
+# flag NAME [VALUE]: prints true or false for a yes/no variable (VALUE; default: the variable NAME itself).
+# 1, true, yes (any case) mean on; 0, false, no and empty mean off; anything else is an error naming NAME.
+flag() {
+  local name=$1 value=${2-${!1:-}}
+  case ${value,,} in
+    1 | true | yes) echo true ;;
+    "" | 0 | false | no) echo false ;;
+    *) die "$name='$(shown "$value")' is not a yes/no value: 1, true or yes (on); 0, false, no or empty (off)" ;;
+  esac
+}
+# is_on NAME [VALUE]: flag as a test, for `if is_on WAIT "$wait"; then` (an invalid value stops the script).
+is_on() {
+  local on
+  on=$(flag "$@") || exit 1
+  [[ $on == true ]]
+}
+
 # TIMEOUT (environment) of submit WAIT=1 and wait: seconds > 0, or empty for no limit.
 check_timeout() {
-  [[ -z ${TIMEOUT:-} || $TIMEOUT =~ ^[1-9][0-9]*$ ]] \
-    || die "TIMEOUT must be a whole number of seconds > 0, not '$TIMEOUT' (empty: follow the job until it ends)"
+  [[ -z ${TIMEOUT:-} ]] || valid seconds "$TIMEOUT" \
+    || die "TIMEOUT='$(shown "$TIMEOUT")' is not a whole number of seconds > 0: digits (empty: follow the job until it ends)"
+}
+
+# Every variable of `make` (README: Commands), checked before a target does anything (the Makefile's check-vars).
+# JOB is checked in full here (job_list); SITE is a name here, the scripts check it against project.yml.
+check_make_vars() {
+  local var
+  check_var SITE "${SITE:-}" participant
+  [[ -z ${JOB:-} ]] || job_list "$JOB" >/dev/null
+  check_var JOB_ID "${JOB_ID:-}" job_id
+  check_var PROFILE "${PROFILE:-}" profile
+  for var in WAIT KEEP HE FORCE; do flag "$var" >/dev/null; done
+  check_var DEST "${DEST:-}" path
+  check_timeout
+  check_var SERVER_HOST "${SERVER_HOST:-}" host
+  check_var INVENTORY "${INVENTORY#"$REPO"/}" path   # made absolute above: the repository's own path is not checked
 }
 
 project_yml() {
@@ -45,11 +126,43 @@ admin_kit() { echo "$(latest_kit_root)/$(admin_name)"; }
 # Jobs are the job_configs/<job>/ folders with a job.json overlay (job_configs/base/ is what they share).
 all_jobs() { local f; for f in "$REPO"/job_configs/*/job.json; do basename "$(dirname "$f")"; done; }
 
-# job_configs/<JOB> for a job name, or JOB itself when it is a ready NVFlare job folder.
+# job_configs/<JOB> for a job name, or JOB itself when it is a ready NVFlare job folder: a path (it has a '/', or
+# a meta.json) without a '..' component.
 job_source() {
   local job=$1
   [[ -n $job ]] || die "JOB is not set (jobs: $(all_jobs | tr '\n' ' '))"
-  if [[ -f $job/meta.json ]]; then echo "$job"; return; fi
-  [[ $job =~ ^[a-z0-9_]+$ && -f $REPO/job_configs/$job/job.json ]] || die "unknown JOB '$job' (jobs: $(all_jobs | tr '\n' ' '))"
+  if [[ $job == */* || -f $job/meta.json ]]; then
+    valid path "$job" || die "JOB='$(shown "$job")' is not a job of job_configs/ ($(all_jobs | tr '\n' ' ')) nor a job folder: $(describe path)"
+    [[ /$job/ != */../* ]] || die "JOB='$(shown "$job")' has a '..' in its path: name a job of job_configs/ ($(all_jobs | tr '\n' ' ')) or a job folder without '..'"
+    [[ -f $job/meta.json ]] || die "JOB '$job' is not a job folder (no $job/meta.json) nor a job of job_configs/ ($(all_jobs | tr '\n' ' '))"
+    echo "$job"
+    return
+  fi
+  [[ $job =~ ^[a-z0-9_]+$ && -f $REPO/job_configs/$job/job.json ]] || die "unknown JOB '$(shown "$job")' (jobs: $(all_jobs | tr '\n' ' '))"
   echo "$REPO/job_configs/$job"
+}
+
+# job_list JOB: the jobs a JOB value names, one a line: job_configs/ names separated by spaces, or one job folder
+# (a value with a '/': its path may hold spaces); empty: every job. Split without globbing.
+job_list() {
+  local value=$1 words=() word
+  if [[ -z $value ]]; then all_jobs; return; fi
+  if [[ $value == */* ]]; then job_source "$value" >/dev/null; echo "$value"; return; fi
+  read -ra words -d '' <<<"$value" || true
+  (( ${#words[@]} )) || die "JOB='$(shown "$value")' names no job (jobs: $(all_jobs | tr '\n' ' '))"
+  for word in "${words[@]}"; do job_source "$word" >/dev/null; echo "$word"; done
+}
+
+# job_name JOB: the name a job runs and is fetched under (models/<name>/): a job_configs/ job's name, or a job
+# folder's meta.json name (NVFlare's default: the folder's name). Letters, digits, _ - only: it becomes a path.
+job_name() {
+  local src name
+  src=$(job_source "$1")
+  name=$(basename "$src")
+  if [[ -f $src/meta.json ]]; then
+    name=$(jq -r --arg d "$name" '.name // $d' "$src/meta.json") || die "$src/meta.json is not valid JSON"
+  fi
+  [[ $name =~ ^[A-Za-z0-9][A-Za-z0-9_-]*$ ]] \
+    || die "job $src is named '$(shown "$name")' (meta.json name): not a job name: letters, digits, _ - (starting with a letter or digit)"
+  echo "$name"
 }

@@ -2,11 +2,14 @@
 # Run a flarectl.sh action on participants over the inventory:
 #   scripts/control.sh start|stop|status|logs [SITE] [LINES]   (no SITE: all; LINES for logs)
 source "$(dirname "$0")/common.sh"
-action=$1 site=${2:-} lines=${3:-50}
+action=${1:-} site=${2:-} lines=${3:-50}
+case $action in start | stop | status | logs) ;; *) die "usage: $0 start|stop|status|logs [SITE] [LINES]" ;; esac
+check_var LINES "$lines" number
 if [[ -n $site ]]; then
+  check_var SITE "$site" participant
   participants | grep -qx -- "$site" || die "unknown SITE '$site' (participants: $(participants | tr '\n' ' '))"
 fi
 export HCLS_PROJECT_YML=$PROJECT_YML   # for inventories that list the participants of project.yml (local/, compose/)
 cd "$REPO/ansible"
-ansible-playbook -i "$INVENTORY" control.yml -e "flare_action=$action" -e "flare_participant_log_lines=$lines" \
-  ${site:+--limit "$site"}
+extra=$(jq -cn --arg action "$action" --arg lines "$lines" '{flare_action: $action, flare_participant_log_lines: $lines}')
+ansible-playbook -i "$INVENTORY" control.yml -e "$extra" ${site:+--limit "$site"}

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# One-command local federation: scripts/demo.sh [KEEP] [JOB...]   (no JOB: every job)
+# One-command local federation: scripts/demo.sh [KEEP] [JOB...]   (no JOB: every job; a JOB argument may hold
+# several names separated by spaces, as make demo JOB="a b" passes them; KEEP: 1, true or yes keeps it running)
 # provision (once) -> demo data -> deploy server and sites -> submit with the demo profile
 # -> wait with progress -> fetch the best model -> stop the federation (KEEP=1 leaves it running).
 source "$(dirname "$0")/common.sh"
-keep=${1:-}
+keep=$(flag KEEP "${1:-}")
 shift || true
-jobs=("$@")
-(( ${#jobs[@]} )) || jobs=($(all_jobs))
-for job in "${jobs[@]}"; do job_source "$job" >/dev/null; done
+listed=$(job_list "$*")   # empty: every job
+mapfile -t jobs <<<"$listed"
+for job in "${jobs[@]}"; do
+  valid job_name "$job" || die "JOB '$(shown "$job")': the demo runs jobs of job_configs/ ($(all_jobs | tr '\n' ' '))"
+done
 start=$SECONDS
 
-stop_federation() { [[ -n $keep ]] || "$REPO/scripts/control.sh" stop >/dev/null || true; }
+stop_federation() { [[ $keep == true ]] || "$REPO/scripts/control.sh" stop >/dev/null || true; }
 trap stop_federation EXIT
 
 step() { printf '\n== %s (%ss)\n' "$*" "$((SECONDS - start))"; }
@@ -37,4 +40,4 @@ for job in "${jobs[@]}"; do
   jq -r '"\(.job): best \(.key_metric) \(.value) (round \(.round)), untrained \(.initial_value) -> \(input_filename | sub("json$"; "pt"))"' \
     "$MODELS_DIR/$job/best_model.json"
 done
-[[ -n $keep ]] && echo "federation left running: 'make status', 'make down'" || echo "stopping the federation (KEEP=1 leaves it running)"
+[[ $keep == true ]] && echo "federation left running: 'make status', 'make down'" || echo "stopping the federation (KEEP=1 leaves it running)"

@@ -41,9 +41,10 @@ generate() {  # generate JOB SITE INDEX OUT  (INDEX: the site's place among the 
   esac
 }
 
-jobs=${1:-$(all_jobs)}
-for job in $jobs; do
-  job_source "$job" >/dev/null
+listed=$(job_list "${1:-}")   # job_configs/ names separated by spaces; empty: every job
+mapfile -t jobs <<<"$listed"
+for job in "${jobs[@]}"; do
+  valid job_name "$job" || die "no data generator for JOB '$(shown "$job")': data is generated for jobs of job_configs/"
   index=0
   for site in $(project_yml '.participants[] | select(.type == "client") | .name'); do
     cfg=$REPO/site_configs/site_$site/local_config.json

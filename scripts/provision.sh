@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Provision the federation from provision/project.yml into workspace/provision.
 # Re-running keeps the root CA (state/cert.json), so kits already deployed stay valid.
-# scripts/provision.sh --he   (make provision HE=1) adds NVFlare's HEBuilder: CKKS TenSEAL contexts
+# scripts/provision.sh --he   (make provision HE=1: HE from the environment, 1, true or yes) adds NVFlare's HEBuilder: CKKS TenSEAL contexts
 # for the server (no secret key) and the sites (with it), for jobs run with profiles/he.json.
 source "$(dirname "$0")/common.sh"
 he=${1:-}
-[[ -z $he || $he == --he ]] || die "unknown option '$he' (only --he)"
+[[ -z $he || $he == --he ]] || die "unknown option '$(shown "$he")' (only --he)"
+if [[ -z $he ]] && is_on HE; then he=--he; fi
+check_var SERVER_HOST "${SERVER_HOST:-}" host   # make provision SERVER_HOST=<name>
 # The documented CKKS parameters; placed before SignatureBuilder so the contexts are signed too.
 HE_BUILDER='{"path": "nvflare.lighter.impl.he.HEBuilder",
   "args": {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "scale_bits": 40}}'

@@ -8,5 +8,7 @@
 source "$(dirname "$0")/common.sh"
 job_id=${1:-}
 [[ -n $job_id ]] || die "JOB_ID is not set: make wait JOB_ID=<id> ('make status' lists the jobs)"
+check_var JOB_ID "$job_id" job_id
 check_timeout
-python -m ops.flare_admin wait --kit "$(admin_kit)" --job-id "$job_id" ${TIMEOUT:+--timeout "$TIMEOUT"}
+kit=$(admin_kit)
+python -m ops.flare_admin wait --kit "$kit" --job-id "$job_id" ${TIMEOUT:+--timeout "$TIMEOUT"}

@@ -7,23 +7,30 @@
     python -m ops.flare_admin status  --kit KIT
 
 Fetch reads everything (network, key metric, trainer settings) from the downloaded job's own definition,
-never from job_configs/: a job trained with any profile is fetched by its name alone.
+never from job_configs/: a job trained with any profile is fetched by its name alone. Without a job id it takes the
+latest finished job of that name that the kit's own admin submitted (a job anyone else submitted under the name is
+fetched only by its id), loads model files as weights only (never a pickle that could run code), stages the new set
+next to models/<job>/ and swaps it in with one rename, keeping the set it replaces as models/<job>.prev/.
 
 Errors are one line on stderr and exit code 1 (2: the job was still running when the wait's timeout passed);
 nothing already fetched is overwritten until the new model is complete.
 """
 
 import argparse
+import ctypes
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager, redirect_stdout
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,7 +57,11 @@ BEST = re.compile(r"new best validation metric at round (\d+): (\S+)")
 # In a site's job log, the last line of a traceback that the trainer process printed (NVFlare relays the trainer's
 # output at INFO under the launcher's name): the trainer's own error message, which names files and fields, never
 # values. NVFlare's own error lines around it are left out.
-TRAINER_ERROR = re.compile(r" - (?:ExternalProcessBackend|SubprocessLauncher) - INFO - (\w*(?:Error|Exception): .+)$")
+TRAINER_ERROR = re.compile(r" - (?:ExternalProcessBackend|RelaunchingBackend|SubprocessLauncher) - INFO - (\w*(?:Error|Exception): .+)$")
+# A fetched job's name: it names models/<name>/ and models/<name>.prev/, so no separators, dots or leading dash.
+JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+JOB_ID = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")  # NVFlare job ids are UUIDs
+WEIGHT_SUFFIXES = {".pt", ".pth", ".ckpt", ".ts", ".safetensors", ".onnx"}  # fetched files that hold weights: 0600
 CONNECT_S = 30  # how long one connection attempt may take
 RETRY_S = (1.0, 30.0)  # reconnection backoff: first pause, longest pause
 
@@ -272,42 +283,115 @@ def job_status(sess, job_id: str) -> str:
     return status
 
 
-def latest_finished(sess, job_name: str) -> str:
-    jobs = [j for j in sess.list_jobs(detailed=True, name_prefix=job_name) if j.get("name") == job_name]
-    if not jobs:
+def kit_admin(kit: str) -> str:
+    """The admin name of the startup kit ``kit`` (the name the server records as a job's ``submitter_name``)."""
+    fed_admin = Path(kit) / "startup" / "fed_admin.json"
+    try:
+        return json.loads(fed_admin.read_text())["admin"]["username"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AdminError(f"admin startup kit {kit}: no admin name in startup/fed_admin.json ({e}): run 'make provision'") from e
+
+
+def latest_finished(sess, job_name: str, submitter: str) -> str:
+    """The latest COMPLETED job named ``job_name`` that ``submitter`` submitted (job meta ``submitter_name``).
+
+    Anyone with submit rights can submit a job under any name: a job of another submitter is never picked by name,
+    only by its id (JOB_ID=).
+    """
+    named = [j for j in sess.list_jobs(detailed=True, name_prefix=job_name) if j.get("name") == job_name]
+    if not named:
         raise AdminError(f"no job named {job_name} on the server: run 'make submit JOB={job_name}'")
+    jobs = [j for j in named if j.get("submitter_name") == submitter]
+    if not jobs:
+        others = ", ".join(sorted({str(j.get("submitter_name") or "unknown") for j in named}))
+        raise AdminError(
+            f"no {job_name} job submitted by {submitter} (this kit's admin); the server has {len(named)} submitted by "
+            f"{others}: fetch one of those only by its id, JOB_ID=<id> ('make status' lists the jobs)"
+        )
     done = [j for j in jobs if j.get("status") == COMPLETED]
     if not done:
         latest = max(jobs, key=lambda j: j.get("submit_time", 0))
         raise AdminError(
-            f"no finished {job_name} job yet (latest {latest['job_id']} is {latest.get('status')}); "
+            f"no finished {job_name} job of {submitter} yet (latest {latest['job_id']} is {latest.get('status')}); "
             f"wait with 'make submit ... WAIT=1' or pass JOB_ID="
         )
     return max(done, key=lambda j: j.get("submit_time", 0))["job_id"]
 
 
+def check_job_id(sess, job_id: str, job_name: str, submitter: str) -> None:
+    """A job given by id (JOB_ID=) is taken whoever submitted it, but it must be a ``job_name`` job."""
+    try:
+        meta = sess.get_job_meta(job_id) or {}
+    except Exception as e:  # e.g. no such job: job_status says so in the operator's words
+        job_status(sess, job_id)
+        raise AdminError(f"cannot read job {job_id}'s meta from the server: {e}") from e
+    name = meta.get("name")
+    if name and name != job_name:
+        raise AdminError(f"job {job_id} is a {name} job, not {job_name}: fetch it with JOB={name}")
+    by = meta.get("submitter_name")
+    if by and by != submitter:
+        print(f"job {job_id} was submitted by {by}, not by this kit's admin {submitter}: fetched as its id says")
+
+
 def fetch(kit: str, job_name: str, out: str, job_id: str = "", dest: str = "") -> Path:
     """Download a finished job and write ``out``: its best global model as a plain state_dict, its metrics,
-    TensorBoard streams, update bytes and the model as a MONAI bundle (``bundle/``, see ops.bundle)."""
+    TensorBoard streams, update bytes and the model as a MONAI bundle (``bundle/``, see ops.bundle).
+
+    Without ``job_id``: the latest finished ``job_name`` job that the kit's admin submitted. ``out`` is replaced as a
+    whole (``fetch_into``); ``dest`` gets a copy of best_model.pt and best_model.json."""
+    if not JOB_NAME.fullmatch(job_name):
+        raise AdminError(f"JOB name {job_name!r} is not a job name: letters, digits, _ - (starting with a letter or digit)")
+    if job_id and not JOB_ID.fullmatch(job_id):
+        raise AdminError(f"JOB_ID={job_id!r} is not an NVFlare job id (a UUID: 8-4-4-4-12 hexadecimal digits)")
+    submitter = kit_admin(kit)
     with session(kit) as sess, tempfile.TemporaryDirectory(prefix="fetch-") as tmp:
-        job_id = job_id or latest_finished(sess, job_name)
+        if job_id:
+            check_job_id(sess, job_id, job_name, submitter)
+        else:
+            job_id = latest_finished(sess, job_name, submitter)
         status = job_status(sess, job_id)
         if status != COMPLETED:
             raise AdminError(f"job {job_id} is {status}, not {COMPLETED}: nothing to fetch")
         # the job result: job/ (the job definition as submitted), meta.json and workspace/ (the server's run)
         result = Path(sess.download_job_result(job_id, destination=tmp))
-        info = stage(result, job_name, job_id, Path(tmp) / "staged")
         out_dir = Path(out)
-        swap_in(Path(tmp) / "staged", out_dir)
+        info = fetch_into(result, job_name, job_id, out_dir)
     if dest:
-        Path(dest).mkdir(parents=True, exist_ok=True)
-        for name in ("best_model.pt", "best_model.json"):
-            shutil.copy(out_dir / name, Path(dest) / name)
+        copy_out(out_dir, Path(dest))
     print(f"best model of {job_name} job {job_id}: {out_dir / 'best_model.pt'}")
     print(f"  round {info['round']}, {info['key_metric']} = {info['value']} "
           f"(untrained initial model: {info['initial_value']})")  # fmt: skip
     print(f"  MONAI bundle: {out_dir / 'bundle'} (configs/metadata.json 'passport' says where it comes from)")
     return out_dir
+
+
+def fetch_into(result: Path, job_name: str, job_id: str, out_dir: Path) -> dict:
+    """Stage every fetched file of the downloaded ``result`` in a folder next to ``out_dir`` and swap it in
+    (``swap_in``). Any error, or an interruption, leaves ``out_dir`` and ``out_dir.prev`` as they were and no
+    staging folder behind. Returns best_model.json's content."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    holder = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.fetch-", dir=out_dir.parent))  # 0700
+    try:
+        staged = holder / out_dir.name
+        info = stage(result, job_name, job_id, staged)
+        swap_in(staged, out_dir)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
+    return info
+
+
+def copy_out(out_dir: Path, dest: Path) -> None:
+    """best_model.pt and best_model.json into ``dest`` (DEST=), each written whole (a temporary file renamed)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("best_model.pt", "best_model.json"):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=dest)
+        os.close(fd)
+        try:
+            shutil.copyfile(out_dir / name, tmp)
+            os.chmod(tmp, _mode(Path(name)))
+            os.replace(tmp, dest / name)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def submitted_job(result: Path, job_name: str, job_id: str) -> JobConfig:
@@ -346,8 +430,8 @@ def stage(result: Path, job_name: str, job_id: str, staged: Path) -> dict:
         )
     best_round, best_value = _best_from_log(result)
     tb_events = _find(result, "tb_events")
-    staged.mkdir()
-    state_dict = _plain_state_dict(model_path, job)
+    staged.mkdir(mode=0o700)
+    state_dict = _plain_state_dict(model_path, job, f"job {job_id}: {model_path.relative_to(result)}")
     import torch
 
     torch.save(state_dict, staged / "best_model.pt")
@@ -386,24 +470,114 @@ def stage(result: Path, job_name: str, job_id: str, staged: Path) -> dict:
 
 
 def swap_in(staged: Path, out_dir: Path) -> None:
-    """Replace ``out_dir``'s fetched files by the complete ``staged`` set (called only once it is complete)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for earlier in (sparse_update.RESULT_FILE, "rounds.json"):  # an earlier job's, even if this one has none
-        (out_dir / earlier).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)  # an earlier job's, even if this one has none
-    for f in staged.iterdir():
-        target = out_dir / f.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        shutil.move(str(f), str(target))
+    """Make the complete set ``staged`` the fetched set ``out_dir`` with one rename; the set it replaces becomes
+    ``out_dir.prev`` (one generation is kept: an older .prev goes). Called only once ``staged`` is complete.
+
+    Where the system can (Linux renameat2 RENAME_EXCHANGE) the two folders are exchanged atomically, so ``out_dir``
+    always holds a complete set; elsewhere the earlier set steps aside just before the rename (and comes back if
+    the rename fails). Weight files become 0600, other files 0644, folders 0755 (``_mode``).
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _set_modes(staged)
+    prev = out_dir.with_name(out_dir.name + ".prev")
+    holder = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.swap-", dir=out_dir.parent))  # same filesystem as out_dir
+    try:
+        if os.stat(staged).st_dev != os.stat(out_dir.parent).st_dev:  # a rename cannot cross filesystems
+            shutil.move(str(staged), str(holder / "new"))
+            staged = holder / "new"
+        if not out_dir.exists() and not out_dir.is_symlink():
+            os.rename(staged, out_dir)
+            return
+        if _exchange(staged, out_dir):
+            old = staged  # out_dir is the new set; the earlier set is where staged was
+        else:
+            old = holder / "old"
+            os.rename(out_dir, old)
+            try:
+                os.rename(staged, out_dir)
+            except BaseException:
+                os.rename(old, out_dir)
+                raise
+        if prev.exists() or prev.is_symlink():
+            os.rename(prev, holder / "older")  # removed with holder below
+        os.rename(old, prev)
+        for weights in (p for p in prev.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
+            weights.chmod(0o600)  # a set fetched before weight files were owner-only
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
 
 
-def _plain_state_dict(model_path: Path, job: JobConfig) -> dict:
+def _exchange(a: Path, b: Path) -> bool:
+    """Exchange two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without it
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a filesystem or kernel without the exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _mode(path: Path) -> int:
+    return 0o600 if path.suffix in WEIGHT_SUFFIXES else 0o644
+
+
+def _set_modes(root: Path) -> None:
+    """Weight files owner-only (0600); summaries, TensorBoard events and bundle configs 0644; folders 0755."""
+    os.chmod(root, 0o755)
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(Path(folder) / d, 0o755)
+        for f in files:
+            os.chmod(Path(folder) / f, _mode(Path(f)))
+
+
+def load_weights(model_path: Path, label: str = ""):
+    """torch.load ``model_path`` as weights only: tensors, numeric numpy arrays, bytes (CKKS ciphertexts) and plain
+    values. A file that needs anything else (a pickle that would call a function, e.g. os.system) is refused naming
+    the file, before any of it runs."""
     import numpy as np
     import torch
 
-    ckpt = torch.load(model_path, map_location="cpu", weights_only=False)
+    label = label or str(model_path)
+    reconstruct = np._core.multiarray._reconstruct  # numpy 2's name; files saved with numpy 1 use numpy.core's
+    numpy_arrays = [np.ndarray, np.dtype, reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct")]
+    numpy_arrays += [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32,
+                                                 np.int64, np.uint8, np.bool_)]  # fmt: skip
+    try:
+        with torch.serialization.safe_globals(numpy_arrays), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Detected pickle protocol 4": the refusal below says what matters
+            ckpt = torch.load(model_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # a global or an instruction that weights-only loading does not allow
+        text = str(e)
+        why = re.search(r"(?:WeightsUnpickler error:\s*|Trying to load )([^\n]+)", text)
+        raise AdminError(
+            f"{label} refused: it is not a weights-only checkpoint (tensors, numeric arrays and plain values), "
+            f"its pickle asks for more ({why.group(1).strip() if why else text.splitlines()[0][:200]}); "
+            "nothing in it was run"
+        ) from None
+    except Exception as e:  # not a torch.save file at all (truncated, another format)
+        raise AdminError(f"{label} is not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     weights = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
+    if not isinstance(weights, dict) or not weights:
+        raise AdminError(f"{label} holds no model weights (a dict of tensors, or one under 'model')")
+    for key, value in weights.items():
+        numeric = isinstance(value, np.ndarray) and value.dtype.kind in "biuf"
+        if not (torch.is_tensor(value) or numeric or isinstance(value, bytes)):
+            raise AdminError(f"{label}: weight {key!r} is a {type(value).__name__}, not a tensor")
+    return weights
+
+
+def _plain_state_dict(model_path: Path, job: JobConfig, label: str = "") -> dict:
+    import numpy as np
+    import torch
+
+    weights = load_weights(model_path, label)
     if any(isinstance(v, bytes) for v in weights.values()):
         raise AdminError(
             f"{model_path.name} holds CKKS ciphertexts (a job run with profiles/he.json): the server never sees "

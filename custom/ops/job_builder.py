@@ -23,6 +23,7 @@ waits at most ``server.train_timeout`` seconds for them (see ``check_fault_toler
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -34,6 +35,10 @@ JOB_CONFIGS = REPO / "job_configs"
 LAYER_KEYS = {"meta", "server", "client", "site_resources"}
 REMOVE = "remove"
 JOB_PACKAGES = ("hcls",)  # packages of custom/ shipped with every job, besides custom/*.py
+# Names that become paths (job_configs/<JOB>/, profiles/<PROFILE>.json, models/<meta name>/): no separators, no '..'.
+JOB_NAME = re.compile(r"[a-z0-9_]+")
+PROFILE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+META_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 class BuildError(ValueError):
@@ -103,6 +108,8 @@ def profile_path(job: str, profile: str) -> Path:
     path = Path(profile)
     if path.suffix == ".json" and path.is_file():
         return path
+    if not PROFILE_NAME.fullmatch(profile):
+        raise BuildError(f"PROFILE '{profile}' is not a profile name (letters, digits, _ -) nor an existing .json file")
     named = JOB_CONFIGS / job / "profiles" / f"{profile}.json"
     if not named.is_file():
         known = sorted(p.stem for p in (JOB_CONFIGS / job / "profiles").glob("*.json"))
@@ -120,7 +127,7 @@ def client_sites(project_yml: Path) -> list[str]:
 
 def resolve(job: str, profile: str = "", project_yml: Path = REPO / "provision" / "project.yml") -> dict:
     """The merged ``{"meta", "server", "client"}`` of JOB with PROFILE, as the job folder will hold them."""
-    if not (JOB_CONFIGS / job / "job.json").is_file():
+    if not JOB_NAME.fullmatch(job) or not (JOB_CONFIGS / job / "job.json").is_file():
         jobs = sorted(p.parent.name for p in JOB_CONFIGS.glob("*/job.json"))
         raise BuildError(f"unknown JOB '{job}' (jobs: {', '.join(jobs)})")
     config = base_layer()
@@ -132,6 +139,10 @@ def resolve(job: str, profile: str = "", project_yml: Path = REPO / "provision" 
     sites = client_sites(project_yml)
     resources = config.pop("site_resources", None)
     meta, server = config["meta"], config["server"]
+    name = meta.get("name", job)
+    if not isinstance(name, str) or not META_NAME.fullmatch(name):
+        raise BuildError(f"meta.name {name!r} of {job} is not a job name: letters, digits, _ - (starting with a letter "
+                         "or digit); it names the job on the server and its folder models/<name>/")
     meta["resource_spec"] = {site: resources for site in sites} if resources else {}
     server.setdefault("min_clients", len(sites))
     meta.setdefault("min_clients", server["min_clients"])
