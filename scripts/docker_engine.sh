@@ -8,6 +8,8 @@
 # nsenter, not `ip netns exec`: that remounts /sys and hides the cgroup mounts dockerd needs.
 # Use it with:   export DOCKER_HOST=unix:///run/hcls-docker/docker.sock
 # stop stops it (images stay in the data root); nothing else is touched.
+# start refuses while another Docker engine has files open in the data root (the SSH test hosts' container
+# site runs one on it): two engines must never share a data root.
 source "$(dirname "$0")/common.sh"
 NETNS=hcls-docker
 EXEC_ROOT=/run/$NETNS
@@ -19,10 +21,21 @@ export DOCKER_HOST=unix://$SOCKET
 
 answers() { docker info >/dev/null 2>&1; }
 
+# Another Docker engine (e.g. a test host's, tests/deploy/conftest.py) with files open in DATA_ROOT: two engines
+# must never use one data root at the same time. Prints its pid.
+other_engine() {
+  local pid
+  for pid in $(pgrep -x dockerd) $(pgrep -x containerd); do
+    if [[ -n $(find "/proc/$pid/fd" -lname "$DATA_ROOT/*" -print -quit 2>/dev/null) ]]; then echo "$pid"; return; fi
+  done
+}
+
 start() {
   if answers; then echo "docker engine running: DOCKER_HOST=$DOCKER_HOST"; return; fi
   command -v dockerd >/dev/null || die "dockerd not found: run scripts/setup.sh (Debian package docker.io)"
   (( EUID == 0 )) || die "starting dockerd needs root"
+  other=$(other_engine)
+  [[ -z $other ]] || die "another Docker engine (pid $other) uses the data root $DATA_ROOT: stop it first"
   mkdir -p "$DATA_ROOT" "$EXEC_ROOT"
   ip netns list | grep -qx "$NETNS" || ip netns add "$NETNS" || die "cannot create network namespace $NETNS"
   ip netns exec "$NETNS" ip link set lo up

@@ -30,6 +30,19 @@ PREFIX = "hclsd"  # namespaces hclsd-h<i>, root-side veths hclsd-v<i>, bridge hc
 BRIDGE, BRIDGE_ADDR = f"{PREFIX}-br", "10.77.0.1"
 HOSTS = {"flare-server": "10.77.0.10", "hospital_a": "10.77.0.11", "hospital_b": "10.77.0.12"}
 DATA_ROOT = "/opt/data"  # on every client host
+# The site that runs its participant as a compose service of the air-gapped image (flare_participant_runtime:
+# container) under a Docker engine of its own systemd, when one can run here; the other sites stay native.
+CONTAINER_SITE = "hospital_b"
+# Host variables of the session's inventories (write_inventory): the container site's, once ssh_hosts chose it.
+HOST_VARS: dict = {}
+ENGINE = REPO / "scripts" / "docker_engine.sh"
+DOCKER_DATA_ROOT = "/var/lib/hcls-docker"  # scripts/docker_engine.sh's, which holds the image test_containers built
+# The test image installs a CPU build of torch (in pip's find-links on these machines, ~200 MB) instead
+# of the pinned CUDA build (~5 GB) so that it builds in a few minutes; torchvision, which needs the
+# pinned torch, is left out (the CXR job does not use it). nvflare and MONAI are requirements.txt's.
+TEST_TORCH = "torch==2.13.0+cpu"
+# The machine's cgroup v1 controllers, mounted for the container site's dockerd only (runc needs them).
+CONTROLLERS = "cpu cpuacct cpuset memory devices freezer blkio pids"
 
 
 def sh(*cmd, check=True):
@@ -70,7 +83,8 @@ def remove_hosts():
         sh("ip", "netns", "del", netns(index), check=False)
     for link in [veth(i) for i in range(len(HOSTS))] + [BRIDGE]:
         sh("ip", "link", "del", link, check=False)
-    for hierarchy in CGROUPS:
+    # Also the container site's containers' cgroups (its dockerd's cgroup-parent hclsd/<site>-docker).
+    for hierarchy in [*CGROUPS, *CONTROLLERS.split()]:
         remove_cgroup(Path("/sys/fs/cgroup") / hierarchy / PREFIX)
 
 
@@ -88,9 +102,81 @@ def remove_cgroup(top: Path, timeout: float = 10):
         time.sleep(0.2)
 
 
-def make_host(index: int, name: str, address: str, root: Path, client_key: Path):
-    """One host's files and network: private /etc (sshd as a systemd unit, units masked), /opt, /root, /tmp;
-    namespace and veth on the bridge with ADDRESS."""
+# The container site's dockerd, in a mount namespace of its own (unshare --mount): runc needs every cgroup v1
+# controller mounted, but the host's systemd mounted only those it could (not cpu and cpuacct, separate here). A fresh
+# /sys/fs/cgroup gets the named hierarchy, cgroup2, the controllers the host's systemd mounted (with their options:
+# runc also reads the covered mounts from mountinfo and must find them at the same paths) and the missing ones.
+DOCKERD_WRAPPER = f"""#!/bin/sh
+set -e
+mounted=$(sed -n 's|^[^ ]* [^ ]* [^ ]* / \\(/sys/fs/cgroup/[^ ]*\\) .* - cgroup cgroup \\(.*\\)$|\\1 \\2|p' /proc/self/mountinfo \\
+  | grep -v name=) || true
+mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup
+mkdir /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
+mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
+mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+echo "$mounted" | while read -r dir opts; do
+  [ -n "$dir" ] && [ ! -d "$dir" ] || continue
+  mkdir "$dir"; mount -t cgroup -o "$opts" cgroup "$dir"
+done
+for c in {CONTROLLERS}; do
+  [ -d /sys/fs/cgroup/$c ] || {{ mkdir /sys/fs/cgroup/$c; mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c; }}
+done
+exec /usr/sbin/dockerd
+"""
+
+
+def docker_unit(units: Path, name: str):
+    """A Docker engine as a unit of host NAME's systemd, enabled (as Debian's docker.io is): its data root is the
+    machine's DOCKER_DATA_ROOT (the image is there), no iptables rules and no bridge (the participant uses the
+    host's network), containers in the cgroup hclsd/NAME-docker. It runs in a mount namespace of its own where
+    the machine's cgroup controllers are mounted (the host's systemd sees none), which shares the host's /opt."""
+    etc = units.parents[1]
+    (etc / "docker").mkdir(exist_ok=True)
+    (etc / "docker" / "daemon.json").write_text(json.dumps({
+        "data-root": DOCKER_DATA_ROOT, "iptables": False, "ip-masq": False, "bridge": "none",
+        "cgroup-parent": f"/{PREFIX}/{name}-docker"}, indent=2) + "\n")  # fmt: skip
+    (etc / "docker" / "hclsd-dockerd.sh").write_text(DOCKERD_WRAPPER)
+    unit = units / "docker.service"
+    if unit.is_symlink():
+        unit.unlink()
+    unit.write_text(
+        f"[Unit]\nDescription=Docker engine of test host {name}\nAfter=network-online.target\n[Service]\n"
+        "Type=notify\nExecStart=/usr/bin/unshare --mount /bin/sh /etc/docker/hclsd-dockerd.sh\n"
+        "Delegate=yes\nKillMode=process\nRestart=always\nRestartSec=2\nTimeoutStartSec=60\nLimitNOFILE=1048576\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
+    (units / "multi-user.target.wants" / "docker.service").symlink_to(unit)
+
+
+def container_site_reason(work: Path) -> str:
+    """Why CONTAINER_SITE cannot run the container runtime here ("" when it can): the image (built air-gapped
+    into DOCKER_DATA_ROOT by scripts/build_image.sh, as test_containers.py does; cached) must be there, and no
+    other Docker engine may use that data root while the site's engine runs."""
+    if os.environ.get("HCLS_SSH_CONTAINER_SITE", "1") in ("0", "", "no", "false"):
+        return "HCLS_SSH_CONTAINER_SITE=0: every SSH test host runs its participant natively"
+    if not shutil.which("dockerd", path="/usr/sbin:/usr/bin") or not shutil.which("docker-compose"):
+        return "no dockerd or docker-compose on this machine (scripts/setup.sh installs docker.io and docker-compose)"
+    if subprocess.run([ENGINE, "status"], capture_output=True).returncode == 0:
+        return f"scripts/docker_engine.sh's engine runs on {DOCKER_DATA_ROOT}: a second engine must not share it"
+    started = subprocess.run([ENGINE, "start"], capture_output=True, text=True, timeout=120)
+    if started.returncode != 0:
+        return f"no Docker engine can start on this machine: {started.stderr.strip()}"
+    try:
+        env = dict(os.environ, DOCKER_HOST=re.search(r"DOCKER_HOST=(\S+)", started.stdout).group(1),
+                   TORCH_REQUIREMENT=TEST_TORCH, HCLS_WORKSPACE=str(work))  # fmt: skip
+        # Up to date after test_containers.py (seconds); else built cold (~5 min).
+        built = subprocess.run([REPO / "scripts" / "build_image.sh", "airgapped"], env=env, capture_output=True,
+                               text=True, timeout=1800)  # fmt: skip
+        if built.returncode != 0:
+            return f"the participant image could not be built: {built.stderr.strip()[-2000:]}"
+    finally:
+        subprocess.run([ENGINE, "stop"], capture_output=True, timeout=120)
+    return ""
+
+
+def make_host(index: int, name: str, address: str, root: Path, client_key: Path, docker: bool = False):
+    """One host's files and network: private /etc (sshd as a systemd unit, units masked; DOCKER: a Docker engine
+    unit too), /opt, /root, /tmp; namespace and veth on the bridge with ADDRESS."""
     host = root / name
     shutil.copytree("/etc", host / "etc", symlinks=True)
     etc = host / "etc"
@@ -119,6 +205,8 @@ def make_host(index: int, name: str, address: str, root: Path, client_key: Path)
     )
     (units / "multi-user.target.wants").mkdir()
     (units / "multi-user.target.wants" / "hclsd-sshd.service").symlink_to(units / "hclsd-sshd.service")
+    if docker:
+        docker_unit(units, name)
     (host / "opt" / "hcls-flare" / "venv").mkdir(parents=True)
     (host / "root").mkdir(mode=0o711)
     (host / "tmp").mkdir()
@@ -193,8 +281,11 @@ def address(host_port: str) -> dict:
     return {"ansible_host": host, **({"ansible_port": int(port)} if port else {})}
 
 
-def write_inventory(path: Path, key: Path, hosts: dict | None = None, **extra_vars) -> Path:
-    """An inventory of the test hosts (HOSTS, or other name -> address[:port]), over SSH as root."""
+def write_inventory(path: Path, key: Path, hosts: dict | None = None, host_vars: dict | None = None,
+                    **extra_vars) -> Path:
+    """An inventory of the test hosts (HOSTS, or other name -> address[:port]), over SSH as root, with EXTRA_VARS
+    for all and HOST_VARS (default: the session's, the container site's runtime; they win over EXTRA_VARS)."""
+    host_vars = HOST_VARS if host_vars is None else host_vars
     hosts = hosts or HOSTS
     inventory = {"all": {
         "vars": {
@@ -209,19 +300,38 @@ def write_inventory(path: Path, key: Path, hosts: dict | None = None, **extra_va
         },
         "children": {
             "flare_server": {"hosts": {n: address(a) for n, a in hosts.items() if n == "flare-server"}},
-            "flare_clients": {"hosts": {n: address(a) for n, a in hosts.items() if n != "flare-server"}},
+            "flare_clients": {"hosts": {n: {**address(a), **host_vars.get(n, {})} for n, a in hosts.items()
+                                        if n != "flare-server"}},
         },
     }}  # fmt: skip
     path.write_text(yaml.safe_dump(inventory, sort_keys=False))
     return path
 
 
+def on_host(hosts, name: str, cmd: str, check=True, timeout=300) -> subprocess.CompletedProcess:
+    """CMD in a root shell on host NAME, over SSH."""
+    result = subprocess.run(
+        ["ssh", "-i", hosts["key"], "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "LogLevel=ERROR",
+         "-o", "UserKnownHostsFile=/dev/null", f"root@{HOSTS[name]}", cmd], capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0 or not check, f"{name}: {cmd}: {result.stdout}{result.stderr}"
+    return result
+
+
 @pytest.fixture(scope="session")
 def ssh_hosts(tmp_path_factory):
-    """{"root": dir of the hosts' files, "key": SSH key, "inventory": hosts.yml, "env": for scripts/}."""
+    """{"root": dir of the hosts' files, "key": SSH key, "inventory": hosts.yml, "env": for scripts/,
+    "container_site": CONTAINER_SITE or None, "native_reason": why it is None}."""
     if os.geteuid() != 0 or shutil.which("sshd", path="/usr/sbin:/usr/bin") is None:
         pytest.skip("needs root and openssh-server (scripts/setup.sh installs it) to make SSH test hosts")
     remove_hosts()
+    native_reason = container_site_reason(tmp_path_factory.mktemp("image"))
+    container_site = None if native_reason else CONTAINER_SITE
+    HOST_VARS.clear()
+    if container_site:
+        HOST_VARS[container_site] = {"flare_participant_runtime": "container"}
+    else:
+        print(f"SSH test hosts: every participant native: {native_reason}")
     root = tmp_path_factory.mktemp("ssh_hosts")
     key = root / "id_ed25519"
     sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key)
@@ -231,7 +341,7 @@ def ssh_hosts(tmp_path_factory):
         sh("ip", "addr", "add", f"{BRIDGE_ADDR}/24", "dev", BRIDGE)
         sh("ip", "link", "set", BRIDGE, "up")
         for index, (name, address) in enumerate(HOSTS.items()):
-            make_host(index, name, address, root, key)
+            make_host(index, name, address, root, key, docker=name == container_site)
             booted[name] = boot_host(index, name, root)
         for address in HOSTS.values():
             wait_for_ssh(address, key)
@@ -250,8 +360,19 @@ def ssh_hosts(tmp_path_factory):
         env = dict(os.environ, HCLS_WORKSPACE=str(root / "coordinator"), MODELS_DIR=str(root / "models"),
                    INVENTORY=str(write_inventory(root / "hosts.yml", key)), SERVER_HOST="flare-server",
                    ANSIBLE_CONFIG=str(REPO / "ansible" / "ansible.cfg"), **TINY_DATA)  # fmt: skip
-        yield {"root": root, "key": key, "inventory": Path(env["INVENTORY"]), "env": env, "reboot": reboot}
+        hosts = {"root": root, "key": key, "inventory": Path(env["INVENTORY"]), "env": env, "reboot": reboot,
+                 "container_site": container_site, "native_reason": native_reason}  # fmt: skip
+        yield hosts
     finally:
+        if container_site and container_site in booted:
+            # No container may stay in the shared data root (scripts/docker_engine.sh's engine would start it
+            # again): remove it, and stop the host's engine cleanly before the host is killed.
+            try:
+                on_host({"key": key}, container_site, f"docker rm -f flare-{container_site}; systemctl stop docker; "
+                        f"rmdir /sys/fs/cgroup/*/{PREFIX}/{container_site}-docker/* /sys/fs/cgroup/*/{PREFIX}/{container_site}-docker "
+                        f"/sys/fs/cgroup/*/{PREFIX}", check=False, timeout=120)  # fmt: skip
+            except (subprocess.SubprocessError, OSError) as error:
+                print(f"{container_site}: could not stop its Docker engine: {error}")
         for host in booted.values():
             host.kill()
         remove_hosts()

@@ -21,7 +21,7 @@ def host_state(root, name: str) -> dict:
 
 
 def running_pids(env) -> dict:
-    return dict(re.findall(r"(\S+) running \(pid (\d+)\)", run("control.sh", "status", env=env).stdout))
+    return dict(re.findall(r"(\S+) running \(pid (\d+)[ )]", run("control.sh", "status", env=env).stdout))
 
 
 def site_configs_with(tmp_path, site: str, **fields) -> str:

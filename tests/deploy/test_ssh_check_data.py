@@ -11,7 +11,7 @@ from conftest import run
 
 
 def running_pids(env) -> dict:
-    return dict(re.findall(r"(\S+) running \(pid (\d+)\)", run("control.sh", "status", env=env).stdout))
+    return dict(re.findall(r"(\S+) running \(pid (\d+)[ )]", run("control.sh", "status", env=env).stdout))
 
 
 def test_check_data_runs_on_the_site_host_as_the_service_user(deployed):

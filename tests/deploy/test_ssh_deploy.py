@@ -1,6 +1,7 @@
 """`make deploy` over real SSH to three test hosts (see conftest.py): first deploy, idempotent
-second deploy, the hosts' state through pytest-testinfra's Ansible backend, day-2 operations on one
-site, and an unreachable host. The tiny CXR job that trains across the hosts' addresses runs in
+second deploy, the hosts' state through pytest-testinfra's Ansible backend (the container site's participant a
+compose service of its own Docker engine, the others systemd units), a site switching runtime and back, day-2
+operations on one site, and an unreachable host. The tiny CXR job that trains across the hosts' addresses runs in
 test_ssh_faults.py, where a deploy waits for it."""
 
 import re
@@ -9,7 +10,7 @@ import time
 
 import pytest
 import testinfra
-from conftest import HOSTS, REPO, recap, run, veth
+from conftest import HOSTS, REPO, on_host, recap, run, veth, write_inventory
 
 def host(name: str, inventory) -> testinfra.host.Host:
     return testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory}")
@@ -39,6 +40,16 @@ def test_host_state(deployed, name):
     assert h.file(ws).mode == 0o750 and h.file(ws).user == "flare"
     processes = [p for p in h.process.filter(user="flare") if "nvflare.private.fed.app" in p.args]
     assert processes, f"no participant process of user flare on {name}"
+    unit = h.service(f"hcls-flare-{name}.service")
+    if name == deployed["container_site"]:
+        # A compose service of the image on the host's own Docker engine (started at boot), the host's network.
+        assert not h.file(f"/etc/systemd/system/hcls-flare-{name}.service").exists and not unit.is_running
+        assert h.service("docker.service").is_enabled and h.service("docker.service").is_running
+        fmt = "{{.HostConfig.RestartPolicy.Name}} {{.HostConfig.NetworkMode}} {{.Config.User}} {{.State.Running}}"
+        assert h.check_output(f"docker inspect -f '{fmt}' flare-{name}") == "unless-stopped host 2710:2710 true"
+        assert h.file(f"{ws}/compose.yml").exists
+    else:
+        assert unit.is_enabled and unit.is_running
     if name == "flare-server":
         assert h.socket("tcp://0.0.0.0:8003").is_listening and h.socket("tcp://0.0.0.0:8103").is_listening
     else:
@@ -47,10 +58,41 @@ def test_host_state(deployed, name):
         assert h.file(f"{ws}/log.txt").contains(f"Successfully registered client:{name}")
 
 
+def participant_processes(deployed, name: str) -> list[str]:
+    """The host's NVFlare participant processes (client_train / server_train), native or in a container."""
+    out = on_host(deployed, name, "ps -eo pid=,args=").stdout
+    return [line for line in out.splitlines() if "nvflare.private.fed.app" in line and "_train" in line]
+
+
+def test_switching_runtime_stops_the_other_participant(deployed, tmp_path):
+    """The container site deployed native (its container removed, its unit enabled) and back to the container
+    (the unit stopped, disabled and removed): one participant at every step, registered."""
+    site, env = deployed["container_site"], deployed["env"]
+    if site is None:
+        pytest.skip(f"no container site: {deployed['native_reason']}")
+    native_env = dict(env, INVENTORY=str(write_inventory(tmp_path / "native.yml", deployed["key"], host_vars={})))
+    try:
+        native = run("deploy.sh", site, env=native_env)
+        said = " ".join(native.stdout.split())
+        assert recap(native.stdout)[site][1:] == (0, 0) and f"{site} started (pid" in said, native.stdout
+        assert on_host(deployed, site, f"docker ps -aq --filter name=^/?flare-{site}$").stdout.strip() == ""
+        assert on_host(deployed, site, f"systemctl is-enabled hcls-flare-{site}.service").stdout.strip() == "enabled"
+        assert len(participant_processes(deployed, site)) == 1, participant_processes(deployed, site)
+    finally:
+        back = run("deploy.sh", site, env=env)
+    said = " ".join(back.stdout.split())
+    assert recap(back.stdout)[site][1:] == (0, 0) and f"{site} started (pid" in said and "in container" in said, back.stdout
+    assert on_host(deployed, site, f"test -e /etc/systemd/system/hcls-flare-{site}.service", check=False).returncode == 1
+    assert on_host(deployed, site, f"systemctl is-active hcls-flare-{site}.service", check=False).stdout.strip() != "active"
+    assert len(participant_processes(deployed, site)) == 1, participant_processes(deployed, site)
+    again = run("deploy.sh", site, env=env)
+    assert recap(again.stdout) == {site: (0, 0, 0)}, again.stdout
+
+
 def test_one_site_stops_and_redeploys_while_the_others_run(deployed):
     env = deployed["env"]
     before = run("status.sh", env=env, coordinator=True).stdout
-    pids = dict(re.findall(r"(\S+) running \(pid (\d+)\)", before))
+    pids = dict(re.findall(r"(\S+) running \(pid (\d+)[ )]", before))
     assert set(pids) == set(HOSTS), before
 
     make = ["make", "-s", "-o", ".venv/.installed", f"INVENTORY={env['INVENTORY']}"]  # the venv is there
@@ -64,7 +106,7 @@ def test_one_site_stops_and_redeploys_while_the_others_run(deployed):
 
     again = subprocess.run([*make, "deploy", "SITE=hospital_b"], env=env, cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0 and recap(again.stdout) == {"hospital_b": (1, 0, 0)}, again.stdout
-    after = dict(re.findall(r"(\S+) running \(pid (\d+)\)", run("status.sh", env=env, coordinator=True).stdout))
+    after = dict(re.findall(r"(\S+) running \(pid (\d+)[ )]", run("status.sh", env=env, coordinator=True).stdout))
     assert after["flare-server"] == pids["flare-server"] and after["hospital_a"] == pids["hospital_a"]
     assert after["hospital_b"] != pids["hospital_b"]
 
