@@ -115,4 +115,4 @@ demo: check-vars $(VENV) ## One-command local federation: provision, data, deplo
 
 .PHONY: test
 test: check-vars $(VENV) ## Run the test suite (unit, config, end-to-end federation)
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q --durations=25 tests

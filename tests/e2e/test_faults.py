@@ -137,7 +137,7 @@ def test_a_killed_or_stopped_trainer_costs_its_site_one_round(deployed, env, tmp
     assert (round0["contributed"], round0["missing"], round0["aggregated"]) == (["hospital_a"], ["hospital_b"], True)
 
     # Round 1: hospital_b is back; hospital_a's trainer hangs (SIGSTOP) and is dropped after its heartbeat timeout.
-    started = epoch(poll("round 1 to start", lambda: started_round(env, job_id, 1), 60)["started"])
+    poll("round 1 to start", lambda: started_round(env, job_id, 1), 60)
     poll("hospital_a's round-1 trainer to take its task", lambda: site_log(env, "hospital_a", job_id).count(
         "sending TASK_READY for 'train'") == 2, 120)  # after its HELLO: from now on its heartbeats count
     stopped = trainer(env, "hospital_a", job_id)
