@@ -101,8 +101,8 @@ def run(job_name: str, job: JobConfig, site: SiteConfig, trainer: Trainer) -> No
 
 def shaped_like(model, params: dict) -> dict:
     """``params`` with each tensor in the shape of the model's own. NVFlare's numpy -> torch conversion restores
-    shapes only from what the same trainer process sent before, and a trainer starts once per task: decrypted
-    HE weights arrive flat. A tensor of another size is left as it is, for load_state_dict to refuse."""
+    shapes only from what the same trainer process sent before, and a trainer's first task (or a new trainer's,
+    after one was lost) gets decrypted HE weights flat. A tensor of another size is left as it is, for load_state_dict to refuse."""
     own = model.state_dict()
     return {
         k: v.reshape(own[k].shape) if k in own and v.shape != own[k].shape and v.numel() == own[k].numel() else v
