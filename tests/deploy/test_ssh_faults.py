@@ -225,12 +225,17 @@ def finished_round(deployed, job_id: str, site: str, contributed: bool, after: i
 
 
 def test_a_site_cut_off_for_longer_than_a_round_misses_it_and_contributes_again(deployed, tmp_path):
-    """hospital_b's link (veth) is taken down right after round 0 and brought up once the server closed a round
+    """hospital_b's link (veth) is taken down right after the first round with both sites and brought up once the server closed a round
     without it (after train_timeout, longer than a round): min_clients 1 lets that round aggregate hospital_a
-    alone; hospital_b contributes again to a later round, the job completes and its best model loads."""
+    alone; hospital_b contributes again to a later round, the job completes and its best model loads.
+
+    How soon it is back depends on its task request in flight when the link went down: a request whose reply was
+    lost is retried only after NVFlare's client communication_timeout (300 s, the kit's default), so the job has
+    enough rounds (of train_timeout each while hospital_b is out) to see it return in the worst case."""
     env, site, train_timeout = deployed["env"], "hospital_b", 35
+    communication_timeout = 300  # NVFlare's client default (fed_client.json "client": communication_timeout)
     no_cross_site = [{"id": "cross_site_validation", "remove": True}]  # training only: CI time
-    layer = {**TINY_PROFILE, "server": {**TINY_PROFILE["server"], "num_rounds": 5, "min_clients": 1,
+    layer = {**TINY_PROFILE, "server": {**TINY_PROFILE["server"], "num_rounds": 14, "min_clients": 1,
                                         "train_timeout": train_timeout, "workflows": no_cross_site}}  # fmt: skip
     job, job_id = submit(deployed, tmp_path, wait=True, layer=layer)
     link = veth(list(HOSTS).index(site))
@@ -244,7 +249,7 @@ def test_a_site_cut_off_for_longer_than_a_round_misses_it_and_contributes_again(
             assert refused.returncode == 4 and f"{site} runs job {job_id}: not restarted" in refused.stderr, refused
             assert "up to date" in flarectl(deployed, site, "ensure").stdout
         first = until("round 0 with both sites", lambda: finished_round(deployed, job_id, site, True), timeout=240)
-        assert first["round"] == 0 and first["missing"] == [], first
+        assert first["missing"] == [], first  # round 0, or a later one when hospital_b's first trainer was slow
         subprocess.run(["ip", "link", "set", link, "down"], check=True)
         cut_at = time.monotonic()
         missed = until(f"a round without {site}", lambda: finished_round(deployed, job_id, site, False),
@@ -254,7 +259,7 @@ def test_a_site_cut_off_for_longer_than_a_round_misses_it_and_contributes_again(
         log = server_job_file(deployed, job_id, "log.txt").read_text(errors="replace")
         assert f"round {missed['round']}: {site} missing, aggregated 1 of 2" in log, log[-3000:]
         back = until(f"{site} contributing again", lambda: finished_round(deployed, job_id, site, True, missed["round"]),
-                     timeout=3 * train_timeout + 60)  # fmt: skip
+                     timeout=communication_timeout + 2 * train_timeout + 60)  # fmt: skip
         seconds = datetime.fromisoformat(back["finished"]).timestamp() - restored_at
         print(f"{site}: link down {down_for:.1f} s (round {missed['round']} aggregated without it); restored -> "
               f"round {back['round']} with its result finished after {seconds:.1f} s")
