@@ -124,6 +124,7 @@ def test_production_client_config(built, job):
     assert executor["executor"]["args"]["heartbeat_timeout"] == "{trainer_heartbeat_timeout}"
     assert executor["executor"]["args"]["task_wait_timeout"] == "{trainer_heartbeat_timeout}"  # stopped mid-handover
     assert config.client["trainer_heartbeat_timeout"] > 0
+    assert config.client["submit_task_result_timeout"] >= 300  # a whole model's result over a hospital's uplink
     assert config.client["app_script"] == f"{job}.py"
     trainer = config.trainer()
     assert trainer["optimizer"]["name"] == optimizer
@@ -325,6 +326,12 @@ def test_project_yml():
     static = next(b for b in PROJECT["builders"] if b["path"].endswith("StaticFileBuilder"))
     assert static["args"]["scheme"] == "grpc"
     assert any(b["path"].endswith("CertBuilder") for b in PROJECT["builders"])
+    # a task request lost in a cut link is asked again after communication_timeout (NVFlare's default: 300 s);
+    # written into the kits after StaticFileBuilder and before SignatureBuilder signs them
+    paths = [b["path"].rsplit(".", 1)[-1] for b in PROJECT["builders"]]
+    comm = paths.index("ClientCommunicationBuilder")
+    assert paths.index("StaticFileBuilder") < comm < paths.index("SignatureBuilder")
+    assert 0 < PROJECT["builders"][comm]["args"]["communication_timeout"] <= 60
 
 
 def test_every_site_of_project_yml_has_a_site_config():
