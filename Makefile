@@ -49,6 +49,10 @@ provision: check-vars $(VENV) ## Provision kits and mTLS certificates from provi
 data: check-vars $(VENV) ## Generate demo data for every site into workspace/data (JOB= for one job)
 	scripts/generate_data.sh "$$JOB"
 
+.PHONY: trust-hosts
+trust-hosts: check-vars $(VENV) ## Pin the SSH host keys of INVENTORY's hosts in workspace/known_hosts, printing fingerprints (SITE=; FORCE=1 replaces a changed key)
+	scripts/trust_hosts.sh "$$SITE"
+
 .PHONY: deploy
 deploy: check-vars $(VENV) ## Push kits and site configs with Ansible and (re)start participants between jobs (SITE=, default all; FORCE=1 restarts during a job)
 	scripts/deploy.sh "$$SITE"

@@ -2,7 +2,9 @@
 # Deploy participants with Ansible: scripts/deploy.sh [SITE]   (no SITE: all)
 # over $INVENTORY (default: ansible/inventories/local/hosts.sh, native processes on this machine).
 # A participant whose files changed is restarted, unless it runs a job: that host fails naming the job;
-# FORCE=1 (1, true or yes, any case) restarts it anyway.
+# FORCE=1 (1, true or yes, any case) restarts it anyway. Hosts reached over SSH need their host keys pinned
+# first (make trust-hosts, scripts/trust_hosts.sh): a host without them stops the deploy before anything runs,
+# naming it; a host whose key changed fails its part ("Host key verification failed"), naming it.
 source "$(dirname "$0")/common.sh"
 site=${1:-}
 check_var SITE "$site" participant
@@ -14,6 +16,8 @@ if [[ -n $site ]]; then
 fi
 force=$(flag FORCE)   # 1, true, yes (any case): restart participants that run a job; 0, false, no, empty: refuse
 export HCLS_PROJECT_YML=$PROJECT_YML   # for inventories that list the participants of project.yml (local/, compose/)
+# SSH hosts must have pinned host keys (make trust-hosts): ansible.cfg checks them strictly against that file.
+"$REPO/scripts/trust_hosts.sh" --check "$site"
 extra=$(jq -cn --arg root "$kits" --argjson force "$force" '{flare_kit_root: $root, flare_participant_force: $force}')
 cd "$REPO/ansible"
 ansible-playbook -i "$INVENTORY" deploy.yml -e "$extra" ${site:+--limit "$site"}

@@ -281,6 +281,12 @@ def address(host_port: str) -> dict:
     return {"ansible_host": host, **({"ansible_port": int(port)} if port else {})}
 
 
+def known_hosts(key: Path) -> Path:
+    """The SSH host keys pinned by scripts/trust_hosts.sh (make trust-hosts) for the session's hosts: the file of
+    the coordinator's workspace (HCLS_WORKSPACE, root/coordinator) beside KEY (root/id_ed25519)."""
+    return Path(key).parent / "coordinator" / "known_hosts"
+
+
 def write_inventory(path: Path, key: Path, hosts: dict | None = None, host_vars: dict | None = None,
                     **extra_vars) -> Path:
     """An inventory of the test hosts (HOSTS, or other name -> address[:port]), over SSH as root, with EXTRA_VARS
@@ -291,7 +297,10 @@ def write_inventory(path: Path, key: Path, hosts: dict | None = None, host_vars:
         "vars": {
             "ansible_user": "root",
             "ansible_ssh_private_key_file": str(key),
-            "ansible_ssh_common_args": "-o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no",
+            # Ansible checks host keys by ansible/ansible.cfg (the keys trust_hosts.sh pinned, strictly); this
+            # says the same for pytest-testinfra's Ansible backend, which builds its own ssh command from it.
+            "ansible_ssh_common_args": f"-o StrictHostKeyChecking=yes -o UserKnownHostsFile={known_hosts(key)} "
+                                       "-o GlobalKnownHostsFile=/dev/null",
             "flare_participant_server_address": "{{ hostvars['flare-server'].ansible_host }}",
             "flare_participant_data_root": DATA_ROOT,
             "flare_participant_env": {"OMP_NUM_THREADS": 1},
@@ -321,7 +330,10 @@ def on_host(hosts, name: str, cmd: str, check=True, timeout=300) -> subprocess.C
 @pytest.fixture(scope="session")
 def ssh_hosts(tmp_path_factory):
     """{"root": dir of the hosts' files, "key": SSH key, "inventory": hosts.yml, "env": for scripts/,
-    "container_site": CONTAINER_SITE or None, "native_reason": why it is None}."""
+    "container_site": CONTAINER_SITE or None, "native_reason": why it is None, "trusted": scripts/trust_hosts.sh's
+    result}. The hosts' SSH host keys are pinned by scripts/trust_hosts.sh (make trust-hosts) in known_hosts(key),
+    and every deploy, testinfra connection and control.sh call checks them strictly; only the harness's own root
+    shell (wait_for_ssh, on_host) skips the check."""
     if os.geteuid() != 0 or shutil.which("sshd", path="/usr/sbin:/usr/bin") is None:
         pytest.skip("needs root and openssh-server (scripts/setup.sh installs it) to make SSH test hosts")
     remove_hosts()
@@ -360,8 +372,11 @@ def ssh_hosts(tmp_path_factory):
         env = dict(os.environ, HCLS_WORKSPACE=str(root / "coordinator"), MODELS_DIR=str(root / "models"),
                    INVENTORY=str(write_inventory(root / "hosts.yml", key)), SERVER_HOST="flare-server",
                    ANSIBLE_CONFIG=str(REPO / "ansible" / "ansible.cfg"), **TINY_DATA)  # fmt: skip
+        # Host keys pinned as a user pins them (make trust-hosts): every deploy checks them strictly.
+        trusted = run("trust_hosts.sh", env=env, timeout=120)
+        assert known_hosts(key).exists(), trusted.stdout
         hosts = {"root": root, "key": key, "inventory": Path(env["INVENTORY"]), "env": env, "reboot": reboot,
-                 "container_site": container_site, "native_reason": native_reason}  # fmt: skip
+                 "container_site": container_site, "native_reason": native_reason, "trusted": trusted}  # fmt: skip
         yield hosts
     finally:
         if container_site and container_site in booted:

@@ -57,8 +57,14 @@ finally:
 # Values for every variable the console file requires, to validate it without a prepared stack.
 CONFIG_ENV = {
     "FLARE_IMAGE": "hcls-flare:test", "FLARE_NETWORK": "hcls-test", "FLARE_ADMIN_KIT": "/srv/admin",
-    "FLARE_JOBS": "/srv/jobs", "FLARE_SERVER_WORKSPACE": "/srv/flare-server",
+    "FLARE_JOBS": "/srv/jobs", "FLARE_TENSORBOARD_EVENTS": "/srv/flare-server/tensorboard",
 }  # fmt: skip
+
+
+def mounts_a_key(source: str) -> bool:
+    """Whether a mount's host path is a key file, a startup kit's startup/ or a folder holding one."""
+    path = Path(source)
+    return path.suffix == ".key" or "startup" in path.parts or (path.is_dir() and any(path.rglob("*.key")))
 
 
 def container(participant: str) -> str:
@@ -89,6 +95,21 @@ def test_every_compose_file_is_valid():
         assert name not in CONSOLE.read_text()
 
 
+@pytest.mark.parametrize("bind", [None, "0.0.0.0"], ids=["default", "TENSORBOARD_BIND"])
+def test_tensorboard_publishes_on_localhost_and_mounts_only_its_events(bind):
+    """docker-compose's own reading of the console file: TensorBoard's port on 127.0.0.1 unless TENSORBOARD_BIND says
+    otherwise; one mount, read-only: the server's TensorBoard events (no key, no startup/ folder, no workspace)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORBOARD_")}
+    env.update(CONFIG_ENV, **({"TENSORBOARD_BIND": bind} if bind else {}))
+    config = yaml.safe_load(sh("docker-compose", "-f", CONSOLE, "config", env=env, timeout=60).stdout)
+    tensorboard = config["services"]["tensorboard"]
+    assert tensorboard["ports"] == [f"{bind or '127.0.0.1'}:6006:6006/tcp"]
+    assert tensorboard["volumes"] == [f"{CONFIG_ENV['FLARE_TENSORBOARD_EVENTS']}:/runs:ro"]
+    for service in config["services"].values():
+        for volume in service["volumes"]:
+            assert ".key" not in volume and "/startup" not in volume.split(":")[0], volume
+
+
 def test_an_invalid_key_is_named(tmp_path):
     broken = tmp_path / CONSOLE.name
     admin = "    container_name: flare-admin\n"
@@ -103,6 +124,17 @@ def test_the_inventories_list_the_participants_of_project_yml(inventory):
     listed = json.loads(sh(ansible_inventory, "-i", inventory, "--list", timeout=60).stdout)
     assert listed["flare_server"]["hosts"] == [SERVER["name"]]
     assert listed["flare_clients"]["hosts"] == SITES
+
+
+@pytest.mark.parametrize("inventory", [COMPOSE_INVENTORY, LOCAL_INVENTORY], ids=["compose", "local"])
+def test_local_connections_need_no_host_keys(inventory, tmp_path):
+    """make trust-hosts and the deploy's host key check over the local and compose inventories (ansible_connection
+    local): nothing to pin, nothing asked, no known_hosts written; the demo and the stack deploy without SSH keys."""
+    env = {**os.environ, "INVENTORY": str(inventory), "HCLS_WORKSPACE": str(tmp_path / "workspace")}
+    trusted = sh(REPO / "scripts" / "trust_hosts.sh", env=env, timeout=60)
+    assert "is reached over SSH: no host key to pin" in trusted.stdout
+    sh(REPO / "scripts" / "trust_hosts.sh", "--check", env=env, timeout=60)
+    assert not (tmp_path / "workspace" / "known_hosts").exists()
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +279,41 @@ def test_server_admin_and_tensorboard(stack):
     assert [p for p in tensorboard.process.filter(user="flare") if "tensorboard --logdir /runs" in p.args]
     probe = "python -c 'import urllib.request; print(urllib.request.urlopen(\"http://localhost:6006\").status)'"
     assert tensorboard.check_output(probe) == "200"
+
+
+def test_tensorboard_is_on_localhost_and_mounts_only_the_event_folders(stack):
+    """The real containers (docker inspect): TensorBoard's port is published on 127.0.0.1 only; it mounts one folder,
+    read-only: the server's tensorboard/, where the server linked the tiny job's events (they outlive the job's run
+    folder, which the server deleted), and TensorBoard lists those runs. No container mounts a key it does not
+    need: the admin its own kit, each participant its own workspace (the kit's key is its own)."""
+    env, server = stack["env"], SERVER["name"]
+    inspected = {c["Name"].lstrip("/"): c for c in json.loads(sh(
+        "docker", "inspect", *map(container, [server, *SITES, "admin", "tensorboard"]), env=env).stdout)}  # fmt: skip
+    tb = inspected["flare-tensorboard"]
+    assert tb["HostConfig"]["PortBindings"] == {"6006/tcp": [{"HostIp": "127.0.0.1", "HostPort": "6006"}]}
+    events = stack["compose"] / server / "tensorboard"
+    assert [(m["Type"], m["Source"], m["Destination"], m["RW"]) for m in tb["Mounts"]] == [("bind", str(events), "/runs", False)]
+    assert not mounts_a_key(str(events))
+    admin_mounts = {m["Destination"]: m["Source"] for m in inspected["flare-admin"]["Mounts"]}
+    assert admin_mounts == {"/workspace": str(stack["compose"] / "admin"), "/jobs": str(stack["work"] / "workspace" / "jobs")}
+    for name in [server, *SITES]:
+        keyed = [m["Source"] for m in inspected[container(name)]["Mounts"] if mounts_a_key(m["Source"])]
+        assert keyed == [str(stack["compose"] / name)], f"{name} mounts keys of {keyed}"
+
+    job_ids = [p.name for p in (stack["compose"] / server / "storage" / "jobs-storage").iterdir()]
+    assert job_ids, "no job ran in the stack"
+    for job_id in job_ids:
+        assert not (stack["compose"] / server / job_id).exists()  # the run folder is gone, its events stay
+        for site in SITES:
+            assert list((events / job_id / "tb_events" / site).glob("events.out.tfevents.*")), f"{job_id} {site}"
+    tensorboard = testinfra.get_host("docker://flare-tensorboard")
+    assert not tensorboard.run("find /runs -name '*.key' -o -name startup").stdout.strip()
+    runs_url = "http://localhost:6006/data/runs"
+    probe = f"python -c 'import urllib.request; print(urllib.request.urlopen(\"{runs_url}\").read().decode())'"
+    deadline = time.monotonic() + 60
+    while not all(f"{job_ids[0]}/tb_events/{site}" in (runs := tensorboard.check_output(probe)) for site in SITES):
+        assert time.monotonic() < deadline, f"TensorBoard lists {runs}"
+        time.sleep(2)
 
 
 def test_published_ports_answer_in_the_engines_namespace(stack):

@@ -1,15 +1,17 @@
 """Bad input stops the deploy of a host with a message naming the host and the value, before
 anything on that host changes; the running federation is untouched. Includes the container
-runtime's compose service as rendered on the controller and checked by `docker-compose config`."""
+runtime's compose service as rendered on the controller and checked by `docker-compose config`, and SSH host keys:
+a host without a pinned key, and a host whose key changed (make trust-hosts pinned them, ansible.cfg checks them)."""
 
 import json
 import re
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 import yaml
-from conftest import HOSTS, REPO, recap, run, write_inventory
+from conftest import HOSTS, REPO, known_hosts, on_host, recap, run, sh, wait_for_ssh, write_inventory
 
 
 def host_state(root, name: str) -> dict:
@@ -51,9 +53,96 @@ def test_unknown_site_in_the_inventory(deployed, tmp_path):
 
 def test_host_refusing_ssh(deployed, tmp_path):
     hosts = {**HOSTS, "hospital_b": HOSTS["hospital_b"] + ":2222"}  # nothing listens there
-    bad = deploy_bad(deployed, tmp_path, "hospital_b", hosts=hosts)
+    pinned = known_hosts(deployed["key"])
+    saved = pinned.read_text()
+    # Its key pinned at that port too, as if it had listened there when trusted: the deploy gets to connect.
+    key_lines = [line for line in saved.splitlines() if line.split()[0] == HOSTS["hospital_b"]]
+    pinned.write_text(saved + "".join(f"[{HOSTS['hospital_b']}]:2222 {line.split(None, 1)[1]}\n" for line in key_lines))
+    try:
+        bad = deploy_bad(deployed, tmp_path, "hospital_b", hosts=hosts)
+    finally:
+        pinned.write_text(saved)
     assert re.search(r"hospital_b.*UNREACHABLE", bad.stdout) and "Connection refused" in bad.stdout
     assert recap(bad.stdout)["hospital_b"][1] == 1
+
+
+def test_host_without_a_pinned_key(deployed, tmp_path):
+    """A deploy to a host whose key was never pinned (make trust-hosts) stops before anything runs, naming it."""
+    pinned = known_hosts(deployed["key"])
+    saved = pinned.read_text()
+    before, pids = host_state(deployed["root"], "hospital_b"), running_pids(deployed["env"])
+    pinned.write_text("".join(line + "\n" for line in saved.splitlines() if line.split()[0] != HOSTS["hospital_b"]))
+    try:
+        bad = run("deploy.sh", env=deployed["env"], check=False)
+    finally:
+        pinned.write_text(saved)
+    assert bad.returncode != 0 and host_state(deployed["root"], "hospital_b") == before
+    assert running_pids(deployed["env"]) == pids
+    assert f"no pinned SSH host key in {pinned} for hospital_b ({HOSTS['hospital_b']}): run 'make trust-hosts" in bad.stderr
+    assert "PLAY" not in bad.stdout  # refused before Ansible ran
+
+
+def test_host_key_mismatch(deployed, tmp_path):
+    """hospital_b's sshd gets a new host key (a reinstalled host, or someone in between): make trust-hosts refuses to
+    replace the pinned key, naming the host; a deploy fails that host, naming it, before anything on it changes (the
+    others deploy, unchanged); FORCE=1 replaces the pin. hospital_b gets its own key back afterwards."""
+    env, name, address = deployed["env"], "hospital_b", HOSTS["hospital_b"]
+    ssh_dir = deployed["root"] / name / "etc" / "hclsd-ssh"  # the host's /etc/hclsd-ssh (conftest.make_host)
+    pinned = known_hosts(deployed["key"])
+    pinned_before = pinned.read_text()
+    before, pids = host_state(deployed["root"], name), running_pids(env)
+    for f in ("ssh_host_key", "ssh_host_key.pub"):
+        shutil.copy2(ssh_dir / f, tmp_path / f)
+
+    def restart_sshd():
+        on_host(deployed, name, "systemctl restart hclsd-sshd", timeout=60)
+        wait_for_ssh(address, deployed["key"])
+
+    try:
+        for f in ("ssh_host_key", "ssh_host_key.pub"):
+            (ssh_dir / f).unlink()
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", ssh_dir / "ssh_host_key")
+        restart_sshd()
+        new_key = (ssh_dir / "ssh_host_key.pub").read_text().split()[1]
+
+        trust = run("trust_hosts.sh", env=env, check=False, timeout=120)
+        assert trust.returncode != 0, trust.stdout
+        assert f"error: {name} ({address}): its host key differs from the one pinned in {pinned}: not replaced" in trust.stderr
+        assert f"error: host keys not pinned for {name} (see above)" in trust.stderr
+        assert f"flare-server ({HOSTS['flare-server']}): already pinned, unchanged" in trust.stdout
+        assert pinned.read_text() == pinned_before
+
+        # A fresh directory of control sockets (short: a socket's path has ~100 bytes): a connection Ansible kept
+        # open (ControlPersist) was checked before the key changed.
+        control_dir = tempfile.mkdtemp(prefix="hclscp-")
+        try:
+            bad = run("deploy.sh", env=dict(env, ANSIBLE_SSH_CONTROL_PATH_DIR=control_dir), check=False)
+        finally:
+            shutil.rmtree(control_dir, ignore_errors=True)
+        assert bad.returncode != 0, bad.stdout
+        assert re.search(rf"fatal: \[{name}\]: UNREACHABLE!", bad.stdout), bad.stdout
+        assert "REMOTE HOST IDENTIFICATION HAS CHANGED" in bad.stdout and "Host key verification failed" in bad.stdout
+        assert recap(bad.stdout) == {**{h: (0, 0, 0) for h in HOSTS}, name: (0, 1, 0)}, bad.stdout
+        assert host_state(deployed["root"], name) == before, "the deploy changed the host whose key changed"
+        assert pinned.read_text() == pinned_before  # ssh learnt nothing (StrictHostKeyChecking=yes)
+
+        # FORCE=1 replaces that host's pin (in a copy of the pins: the session's stay as they are).
+        copy = tmp_path / "workspace"
+        copy.mkdir()
+        shutil.copy2(pinned, copy / "known_hosts")
+        forced = run("trust_hosts.sh", name, env=dict(env, HCLS_WORKSPACE=str(copy), FORCE="1"), timeout=120)
+        assert f"{name} ({address}): pinned keys replaced (FORCE)" in forced.stdout
+        lines = (copy / "known_hosts").read_text().splitlines()
+        assert [line.split()[1:] for line in lines if line.split()[0] == address] == [["ssh-ed25519", new_key]]
+        others = [line for line in pinned_before.splitlines() if line.split()[0] != address]
+        assert [line for line in lines if line.split()[0] != address] == others
+    finally:
+        for f in ("ssh_host_key", "ssh_host_key.pub"):
+            shutil.copy2(tmp_path / f, ssh_dir / f)
+        restart_sshd()
+    assert running_pids(env) == pids, "the deploy restarted a participant"
+    again = run("trust_hosts.sh", name, env=env, timeout=120)
+    assert f"{name} ({address}): already pinned, unchanged" in again.stdout
 
 
 def test_data_path_missing_on_the_host(deployed, tmp_path):
