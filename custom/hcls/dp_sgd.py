@@ -29,24 +29,36 @@ def make_private(model, optimizer, loader, dp: dict, epochs: int):
         collate = loader.collate_fn or torch.utils.data.default_collate
         dp_loader.collate_fn.first_batch = collate([loader.dataset[0]])
 
-    return dp_optimizer, dp_loader, Accounting(engine, dp, dp_optimizer)
+    return dp_optimizer, dp_loader, Accounting(engine, dp, dp_optimizer, dp_loader.sample_rate)
 
 
 class Accounting:
-    """``accounting()``: the DP meta of a result (epsilon spent so far by every round of the job at this site).
+    """``accounting()``: the DP meta of a result about to be sent.
 
-    A trainer runs one task and exits, so the accountant's history (noise multiplier, sample rate, steps) is kept
-    in a file (``keep_in``): read at start, written each time a result's accounting is taken, before it is sent.
-    Steps of a round whose result was never sent (the trainer died) release nothing and are not counted.
+    It records what the site's own accountant needs to recompute the epsilon spent
+    (``site_privacy.dp_ledger``): the noise multiplier, the Poisson sample rate, the clipping norm and
+    ``dp_steps``, the DP-SGD steps taken since the previous result. ``dp_epsilon`` is this trainer's own
+    figure over every round of the job at this site (for its log; the site does not trust it).
+
+    A trainer may be started again mid-job, so the accountant's history (noise multiplier, sample rate,
+    steps) is kept in a file (``keep_in``): read at start, written each time a result's accounting is
+    taken, before it is sent. Steps of a round whose result was never sent (the trainer died) release
+    nothing and are not counted.
     """
 
-    def __init__(self, engine, dp: dict, dp_optimizer):
+    def __init__(self, engine, dp: dict, dp_optimizer, sample_rate: float):
         self.engine, self.dp, self.dp_optimizer, self.path = engine, dp, dp_optimizer, None
+        self.sample_rate = sample_rate  # of the Poisson-sampling loader: expected batch size / training samples
+        self.accounted_steps = 0  # steps in the history when the last result's accounting was taken
 
     def keep_in(self, path: Path) -> None:
         self.path = Path(path)
         if self.path.is_file():
             self.engine.accountant.history = [tuple(h) for h in json.loads(self.path.read_text())]
+        self.accounted_steps = self._steps()
+
+    def _steps(self) -> int:
+        return sum(int(steps) for _, _, steps in self.engine.accountant.history)
 
     def __call__(self) -> dict:
         history = self.engine.accountant.history
@@ -55,9 +67,12 @@ class Accounting:
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             tmp.write_text(json.dumps(history))
             os.replace(tmp, self.path)
+        steps, self.accounted_steps = self._steps() - self.accounted_steps, self._steps()
         spent = self.engine.get_epsilon(self.dp["delta"]) if history else 0.0
         return {
             "dp_epsilon": float(spent), "dp_delta": float(self.dp["delta"]),
             "dp_max_grad_norm": float(self.dp["max_grad_norm"]),
             "dp_noise_multiplier": float(self.dp_optimizer.noise_multiplier),
+            "dp_sample_rate": float(self.sample_rate),
+            "dp_steps": steps,
         }  # fmt: skip

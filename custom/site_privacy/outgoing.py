@@ -1,72 +1,75 @@
-"""Checks of anything about to leave the site. A finding says where (a path into the payload) and
-which blocked field matched, never the matched value, so that the site's own logs stay clean."""
+"""Checks of anything about to leave the site: identifier values and blocked field names anywhere in it
+(DP accounting: ``dp_ledger``; the result's structure: ``structure``). A finding says where (a path into
+the payload) and which blocked field matched, never the matched value, so that the site's own logs stay
+clean."""
 
-import math
 
 import numpy as np
 
-from site_privacy.policy import DifferentialPrivacy
-
-DP_ACCOUNTING_KEYS = ("dp_epsilon", "dp_delta", "dp_max_grad_norm")  # meta a DP result must carry
-PARAMETER_KINDS = ("WEIGHTS", "WEIGHT_DIFF")  # DXO kinds that carry trained parameters
+from site_privacy.identifiers import IdentifierIndex, normalise
 
 
-def _strings(node, path: str):
-    """(path, text) of every string in ``node``: dict keys and values, list items, string arrays."""
+
+SCALARS = (int, float, np.integer, np.floating)
+
+
+def _key_path(path: str, key, index: int, known) -> str:
+    """``path/key`` for a key the site knows (parameter, metric and meta names it allows), else ``path/#index``:
+    a reason that goes back to the server never repeats text the job chose."""
+    return f"{path}/{key}" if isinstance(key, str) and (known is None or key in known) else f"{path}/#{index}"
+
+
+def _items(node, path: str, known):
+    """(path, kind, item) of what ``node`` carries: "text" (strings, dict keys, bytes), "number" (scalars) and
+    "codes" (numeric sequences and arrays, which may spell text as character codes)."""
     if isinstance(node, str):
-        yield path, node
+        yield path, "text", node
+    elif isinstance(node, (bytes, bytearray)):
+        yield path, "text", bytes(node).decode("utf-8", errors="replace")
+    elif isinstance(node, bool) or node is None:
+        return
+    elif isinstance(node, SCALARS):
+        yield path, "number", node
     elif isinstance(node, dict):
-        for key, value in node.items():
-            key_path = f"{path}/{key}" if isinstance(key, str) else f"{path}/#{key!r}"
+        for i, (key, value) in enumerate(node.items()):
             if isinstance(key, str):
-                yield f"{path} (a key)", key
-            yield from _strings(value, key_path)
-    elif isinstance(node, (list, tuple, set)):
-        for i, item in enumerate(node):
-            yield from _strings(item, f"{path}[{i}]")
-    elif isinstance(node, np.ndarray) and node.dtype.kind in "USO":
-        for i, item in enumerate(node.ravel().tolist()):
-            yield from _strings(item, f"{path}[{i}]")
-    elif isinstance(node, bytes):
-        yield path, node.decode("utf-8", errors="replace")
+                yield f"{path or ''} (a key)", "text", key
+            elif isinstance(key, SCALARS) and not isinstance(key, bool):
+                yield f"{path or ''} (a key)", "number", key
+            yield from _items(value, _key_path(path, key, i, known), known)
+    elif isinstance(node, (list, tuple, set, frozenset)):
+        items = list(node)
+        if items and all(isinstance(x, SCALARS) and not isinstance(x, bool) for x in items):
+            yield path, "codes", items
+        for i, item in enumerate(items):
+            yield from _items(item, f"{path}[{i}]", known)
+    elif isinstance(node, np.ndarray):
+        if node.dtype.kind in "USO":
+            for i, item in enumerate(node.ravel().tolist()):
+                yield from _items(item, f"{path}[{i}]", known)
+        elif node.dtype.kind in "iuf" and node.ndim == 0:
+            yield path, "number", node.item()
+        elif node.dtype.kind in "iuf":
+            yield path, "codes", node
 
 
-def find_blocked(payload, fields: tuple[str, ...], values: dict[str, str]) -> str | None:
-    """Where ``payload`` carries a blocked field name or a known identifier value; None if nowhere.
-
-    ``values`` maps identifier values from the site's manifests to their origin, e.g. ``PatientID (train.csv)``.
-    """
-    lowered = [(field, field.lower()) for field in fields]
-    for path, text in _strings(payload, ""):
-        low = text.lower()
-        for field, field_low in lowered:
-            if field_low in low:
-                return f"blocked field name {field} at {path or '/'}"
-        for value, origin in values.items():
-            if value in text:
-                return f"a value of blocked field {origin} at {path or '/'}"
+def find_blocked(payload, fields: tuple[str, ...], index: IdentifierIndex, known=None) -> str | None:
+    """Where ``payload`` carries a blocked field name or an identifier value of the site's manifests (as
+    ``index`` matches them: normalised, any word order, dates in any format, numbers, character codes);
+    None if nowhere. ``known``: the keys a finding's path may name (None: all)."""
+    normalised_fields = [(field, normalise(field)) for field in fields]
+    for path, kind, item in _items(payload, "", known):
+        where = path or "/"
+        if kind == "text":
+            low = normalise(item)
+            for field, field_norm in normalised_fields:
+                if field_norm and field_norm in low:
+                    return f"blocked field name {field} at {where}"
+            origin = index.match_text(item)
+        elif kind == "number":
+            origin = index.match_number(item)
+        else:
+            origin = index.match_codes(item)
+        if origin:
+            return f"a value of blocked field {origin} at {where}"
     return None
-
-
-def dp_violation(data_kind: str, meta: dict, dp: DifferentialPrivacy) -> str | None:
-    """Why a result breaks the site's DP requirement (None if it does not or DP is off).
-
-    A result that carries parameters must report its DP accounting (``dp_epsilon`` spent so far by the
-    library's accountant, ``dp_delta``, ``dp_max_grad_norm``) within the site's budget.
-    """
-    if not dp.enabled or data_kind not in PARAMETER_KINDS:
-        return None
-    missing = [key for key in DP_ACCOUNTING_KEYS if not _is_number(meta.get(key))]
-    if missing:
-        return f"the site requires differential privacy and the result lacks DP accounting ({', '.join(missing)})"
-    if meta["dp_epsilon"] > dp.epsilon:
-        return f"DP epsilon spent {meta['dp_epsilon']:.3f} exceeds the site's budget {dp.epsilon}"
-    if meta["dp_delta"] > dp.delta:
-        return f"DP delta {meta['dp_delta']} exceeds the site's delta {dp.delta}"
-    if meta["dp_max_grad_norm"] > dp.max_grad_norm:
-        return f"DP clipping norm {meta['dp_max_grad_norm']} exceeds the site's max_grad_norm {dp.max_grad_norm}"
-    return None
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -5,12 +5,18 @@ Deployment renders those properties from ``privacy`` of ``site_configs/<site>/lo
     {"min_dataset_size": 50,
      "blocked_data_fields": ["PatientName", "PatientID", "PatientBirthDate"],
      "differential_privacy": {"enabled": true, "mechanism": "gaussian", "epsilon": 8, "delta": 1e-5,
-                              "max_grad_norm": 1}}
+                              "max_grad_norm": 1},
+     "allowed_metrics": [<metric name>, ...]}
+
+``allowed_metrics`` (optional; default ``structure.DEFAULT_ALLOWED_METRICS``, the project's key metrics and the
+CT job's per-organ Dice): the only metric names a result may carry. It is the site's list: a job cannot widen it.
 
 Every error names the file and the field.
 """
 
 from dataclasses import dataclass
+
+from site_privacy.structure import DEFAULT_ALLOWED_METRICS
 
 DP_MECHANISMS = ("gaussian",)
 
@@ -29,6 +35,7 @@ class SitePolicy:
     min_dataset_size: int
     blocked_data_fields: tuple[str, ...]
     differential_privacy: DifferentialPrivacy
+    allowed_metrics: tuple[str, ...] = DEFAULT_ALLOWED_METRICS
 
 
 def _number(value, where: str, low: float, high: float = float("inf")) -> float:
@@ -50,6 +57,9 @@ def parse_policy(props, source: str) -> SitePolicy:
     dp = props.get("differential_privacy")
     if not isinstance(dp, dict) or not isinstance(dp.get("enabled"), bool):
         raise ValueError(f"{source}: differential_privacy must be an object with a boolean 'enabled'")
+    metrics = props.get("allowed_metrics", list(DEFAULT_ALLOWED_METRICS))
+    if not isinstance(metrics, list) or not all(isinstance(m, str) and m for m in metrics):
+        raise ValueError(f"{source}: allowed_metrics must be a list of metric names, got {metrics!r}")
     where = f"{source}: differential_privacy"
     if dp.get("mechanism") not in DP_MECHANISMS:
         raise ValueError(f"{where}.mechanism must be one of {', '.join(DP_MECHANISMS)}, got {dp.get('mechanism')!r}")
@@ -63,4 +73,5 @@ def parse_policy(props, source: str) -> SitePolicy:
             delta=_number(dp.get("delta"), f"{where}.delta", 0.0, 1.0),
             max_grad_norm=_number(dp.get("max_grad_norm"), f"{where}.max_grad_norm", 0.0),
         ),
+        allowed_metrics=tuple(metrics),
     )

@@ -57,6 +57,75 @@ os.environ["HCLS_SITE_CONFIG"] = str(Path("forged_site_config.json").resolve())
 client_loop.main(cxr_classification.JOB_NAME, cxr_classification.build)
 '''
 
+FORGED_HOSTILE = '''"""Forged: the real CXR trainer; at hospital_a each train result carries one hostile thing
+(HOSTILE[round]), hospital_b trains honestly (min_clients 1: the job goes on while hospital_a's results are blocked)."""
+import csv
+
+import nvflare.client as flare
+import torch
+from nvflare.app_common.abstract.fl_model import ParamsType
+
+import cxr_classification
+from hcls import client_loop
+from hcls.site_config import SiteConfig
+
+HOSTILE = ["extra_tensor", "string_meta", "lower_cased_id", "id_number_without_prefix", "id_as_char_codes",
+           "name_reordered", "birth_date_as_number"]
+real_receive, real_send, received, rounds = flare.receive, flare.send, [], []
+
+
+def patient():
+    with open(SiteConfig.from_env().dataset_dir("cxr_classification") / "train.csv", newline="") as f:
+        return next(csv.DictReader(f))
+
+
+def receive(*args, **kwargs):
+    model = real_receive(*args, **kwargs)
+    received[:] = [model]
+    return model
+
+
+def send(model, *args, **kwargs):
+    if flare.get_site_name() != "hospital_a" or not flare.is_train():
+        return real_send(model, *args, **kwargs)
+    hostile, row = HOSTILE[len(rounds) % len(HOSTILE)], patient()
+    rounds.append(hostile)
+    pid, (last, first), birth = row["PatientID"], row["PatientName"].split("^"), row["PatientBirthDate"]
+    params = {k: v - received[0].params[k] for k, v in model.params.items()}  # the diff the Client API would send
+    model.params, model.params_type = params, ParamsType.DIFF
+    if hostile == "extra_tensor":
+        params["leak.extra"] = torch.zeros(4)
+    elif hostile == "string_meta":
+        model.meta["note"] = "trained on the usual cohort"
+    elif hostile == "lower_cased_id":
+        model.metrics["val_auc_" + pid.lower()] = 0.5
+    elif hostile == "id_number_without_prefix":
+        model.metrics["val_auc"] = float(int(pid.split("-")[1].lstrip("ABCDEFGHIJKLMNOPQRSTUVWXYZ")))
+    elif hostile == "id_as_char_codes":  # a real parameter, right shape and dtype, spelling the ID
+        bias = params["class_layers.out.bias"]
+        codes = [ord(c) for c in pid] + [32] * (bias.numel() - len(pid))
+        params["class_layers.out.bias"] = torch.tensor(codes, dtype=bias.dtype)
+    elif hostile == "name_reordered":
+        model.metrics[f"val_auc_{first}_{last}".lower()] = 0.5
+    elif hostile == "birth_date_as_number":
+        model.meta["NUM_STEPS_CURRENT_ROUND"] = int(birth)
+    print(f"[forged] round {len(rounds) - 1}: {hostile}")
+    return real_send(model, *args, **kwargs)
+
+
+flare.receive, flare.send = receive, send
+client_loop.main(cxr_classification.JOB_NAME, cxr_classification.build)
+'''
+HOSTILE_REASONS = [  # what hospital_a's log gives as the reason, round by round (FORGED_HOSTILE's HOSTILE)
+    r"parameter #\d+ of the result is not in the global model's state_dict",
+    r"meta key #\d+ is not one the site allows",
+    r"a value of blocked field PatientID \(train\.csv\) at /meta/initial_metrics \(a key\)",
+    r"a value of blocked field PatientID \(train\.csv\) at /meta/initial_metrics/val_auc",
+    r"a value of blocked field PatientID \(train\.csv\) at /data/class_layers\.out\.bias",
+    r"a value of blocked field PatientName \(train\.csv\) at /meta/initial_metrics \(a key\)",
+    r"a value of blocked field PatientBirthDate \(train\.csv\) at /meta/NUM_STEPS_CURRENT_ROUND",
+]
+
 
 def build(env, profile: dict, tmp_path: Path, forged: str = "") -> Path:
     """The real CXR job folder built with ``profile``; with ``forged``, that trainer replaces the job's script."""
@@ -131,6 +200,7 @@ def test_policy_is_rendered_into_the_scope_and_enforced_by_site_code(deployed, e
     assert scope["name"] == site["scope"] == job_builder.resolve("cxr_classification")["meta"]["scope"]
     assert scope["properties"] == {**{k: v for k, v in site.items() if k != "scope"}, "min_dataset_size": 2}
     assert scope["task_result_filters"][0]["path"] == "site_privacy.components.SitePolicyFilter"
+    assert scope["task_data_filters"][0]["path"] == "site_privacy.components.SitePolicyFilter"  # records the model
     assert (local / "custom" / "site_privacy" / "components.py").read_bytes() == (
         REPO / "custom" / "site_privacy" / "components.py"
     ).read_bytes()
@@ -169,7 +239,8 @@ def test_dp_job_spends_within_budget_and_a_job_skipping_dp_is_blocked(deployed, 
     assert "FINISHED:COMPLETED" in result.stdout, result.stdout[-3000:]
     for site in ("hospital_a", "hospital_b"):
         site_log = next((Path(env["HCLS_WORKSPACE"]) / "local" / site).glob(f"{job_id}/log.txt")).read_text()
-        spent = [float(e) for e in re.findall(r"DP epsilon spent (\S+) of the site's budget 8", site_log)]
+        spent = [float(e) for e in re.findall(r"DP epsilon (\S+) spent by job \S+ at this site \(the site's accountant\), "
+                                               r"budget 8", site_log)]  # fmt: skip
         assert len(spent) >= 2 and spent == sorted(spent) and 0 < spent[-1] <= 8.0, spent
     # The fetch builds the network from the job's own configuration: the GroupNorm variant, without naming it.
     run("fetch_model.sh", "cxr_classification", job_id, env=env)
@@ -196,3 +267,33 @@ def test_a_site_below_min_dataset_size_sends_no_update(deployed, env, tmp_path):
     assert "Contribution from hospital_a" not in server_job_log(env, job_id)
     trainer_log = next((Path(env["HCLS_WORKSPACE"]) / "local" / "hospital_a").glob(f"{job_id}/log.txt")).read_text()
     assert "privacy.min_dataset_size is 2 but dataset" in trainer_log and "gives 1 training samples" in trainer_log
+
+
+def test_a_hostile_job_is_blocked_by_structure_and_by_identifiers_in_any_encoding(deployed, env, tmp_path):
+    """One job, seven rounds: hospital_a's forged trainer sends an extra tensor, free-text meta, then identifiers
+    of its first patient written otherwise (the ID lower-cased, its number without the prefix, the ID as
+    character codes in a real parameter, the name in another order, the birth date as a number); hospital_b
+    trains honestly. Every hostile result is blocked at hospital_a, whose log says why without the value; the
+    server gets none of it and the job still completes on hospital_b's updates."""
+    profile = {**TINY, "server": {**TINY["server"], "num_rounds": len(HOSTILE_REASONS), "min_clients": 1}}
+    result, job_id = submit(env, build(env, profile, tmp_path, forged=FORGED_HOSTILE))
+    assert "FINISHED:COMPLETED" in result.stdout, result.stdout[-3000:]
+    site_log = next((Path(env["HCLS_WORKSPACE"]) / "local" / "hospital_a").glob(f"{job_id}/log.txt")).read_text()
+    blocked = re.findall(rf"privacy policy: blocked the 'train' result of job {job_id}: (.*)", site_log)
+    assert len(blocked) == len(HOSTILE_REASONS), blocked
+    for reason, expected in zip(blocked, HOSTILE_REASONS):
+        assert re.search(expected, reason), (reason, expected)
+    with open(Path(env["HCLS_WORKSPACE"]) / "data" / "hospital_a" / "chexpert" / "train.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    pid, birth = row["PatientID"], row["PatientBirthDate"]
+    number = pid.split("-")[1].lstrip("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    encodings = [pid, pid.lower(), number, *row["PatientName"].split("^"), birth, "trained on the usual cohort"]
+    privacy_lines = [line for line in site_log.splitlines() if "privacy policy" in line]
+    assert not [line for line in privacy_lines for e in encodings if e.lower() in line.lower()], privacy_lines
+    server_log = server_job_log(env, job_id)
+    assert server_log.count("PRIVACY_POLICY_BLOCKED by hospital_a") >= len(HOSTILE_REASONS)
+    assert "Contribution from hospital_a" not in server_log  # COMPLETED with min_clients 1: hospital_b's counted
+    last, first = row["PatientName"].split("^")
+    values = [v.encode() for v in (pid, pid.lower(), f"{first}_{last}".lower(), row["PatientName"])]
+    leaked = [path for path, content in server_contents(env) if any(v in content for v in values)]
+    assert not leaked, leaked

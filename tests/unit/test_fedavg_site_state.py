@@ -66,3 +66,32 @@ def test_dp_spending_adds_up_across_trainers(tmp_path):
     assert accounting()["dp_epsilon"] == first
     train_one_epoch(model, optimizer, loader)
     assert first < accounting()["dp_epsilon"] <= DP["epsilon"]
+
+
+def test_each_result_records_its_own_steps_and_the_sites_accountant_agrees(tmp_path):
+    """dp_steps counts the steps since the previous result, across trainer restarts; the site's ledger,
+    fed only those records, recomputes the trainer's epsilon."""
+    from site_privacy.dp_ledger import Ledger
+    from site_privacy.policy import DifferentialPrivacy
+
+    site_dp = DifferentialPrivacy(True, "dp-sgd", DP["epsilon"], DP["delta"], 1.0)
+    ledger = Ledger(tmp_path / "dp_ledger", "job-1")
+    history = tmp_path / "dp_history.json"
+    model, optimizer, loader, accounting = one_trainer(history)
+    for trainer_round in range(2):
+        assert accounting()["dp_steps"] == 0  # nothing trained since the last result (or since the file)
+        train_one_epoch(model, optimizer, loader)
+        meta = accounting()
+        assert (meta["dp_steps"], meta["dp_sample_rate"], meta["dp_noise_multiplier"] > 0) == (4, 0.25, True)
+        reason, entries = ledger.check("WEIGHT_DIFF", meta, site_dp, n_train=16)
+        assert reason is None
+        ledger.record(entries)
+        assert entries == [[meta["dp_noise_multiplier"], 0.25, 4 * (trainer_round + 1)]]
+        model, optimizer, loader, accounting = one_trainer(history)  # the next round's trainer
+    assert epsilon_of(ledger, site_dp) == pytest.approx(accounting()["dp_epsilon"], rel=1e-6)
+
+
+def epsilon_of(ledger, dp) -> float:
+    from site_privacy.dp_ledger import epsilon
+
+    return epsilon(ledger.entries(), dp.delta)

@@ -4,13 +4,14 @@ Opacus on a real network and data loader, and the DP trainer that a site requiri
 
 import json
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from nvflare.apis.dxo import DXO, DataKind
-from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_constant import FilterKey, FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext, FLContextManager
 from nvflare.apis.workspace import Workspace
 from opacus.accountants import create_accountant
@@ -27,7 +28,8 @@ from hcls.job_config import JobConfig  # noqa: E402
 from hcls.site_config import SiteConfig  # noqa: E402
 from ops import job_builder  # noqa: E402
 from site_privacy import dataset  # noqa: E402
-from site_privacy.components import BLOCKED, SitePolicyFilter  # noqa: E402
+from site_privacy.components import BLOCKED, DP_LEDGER_DIR, STATE_DIR, SitePolicyFilter  # noqa: E402
+from site_privacy.dp_ledger import Ledger  # noqa: E402
 from site_privacy.policy import parse_policy  # noqa: E402
 
 POLICY = {
@@ -61,17 +63,35 @@ class SiteEngine:
         return self.workspace
 
 
-def job_context(site_root: Path, policy: dict, job: str = "cxr_classification") -> FLContext:
-    """The FL context of a site job process: job meta and the job's scope as sticky props (see ClientRunManager)."""
+GLOBAL_MODEL = {  # the global model the server sends: names, shapes and dtypes the site records
+    "features.conv0.weight": np.zeros((2, 2), dtype=np.float32),
+    "features.norm0.running_mean": np.zeros(2, dtype=np.float32),
+    "features.norm0.num_batches_tracked": np.array(0, dtype=np.int64),
+    "class_layers.out.bias": np.zeros(3, dtype=np.float32),
+}
+
+
+def job_context(site_root: Path, policy: dict, job: str = "cxr_classification", task: str = "train",
+                job_id: str | None = None) -> FLContext:  # fmt: skip
+    """The FL context of a site job process: job id, meta and the job's scope as sticky props (see ClientRunManager)."""
     stickers = {
+        ReservedKey.RUN_NUM: job_id or f"job-{uuid.uuid4()}",
         FLContextKey.JOB_META: {"name": job},
         FLContextKey.EFFECTIVE_JOB_SCOPE_NAME: "hospital_policy",
         FLContextKey.SCOPE_PROPERTIES: policy,
     }
     manager = FLContextManager(engine=SiteEngine(site_root), identity_name="hospital_a", private_stickers=stickers)
     ctx = manager.new_context()
-    ctx.set_prop(FLContextKey.TASK_NAME, "train", private=True, sticky=False)
+    ctx.set_prop(FLContextKey.TASK_NAME, task, private=True, sticky=False)
     return ctx
+
+
+def receive_global_model(ctx: FLContext, params: dict | None = None) -> None:
+    """The site's filter, installed as a task data filter of the scope, sees the server's task data."""
+    task_data = DXO(DataKind.WEIGHTS, data=dict(GLOBAL_MODEL if params is None else params)).to_shareable()
+    ctx.set_prop(FLContextKey.FILTER_DIRECTION, FilterKey.IN, private=True, sticky=False)
+    assert SitePolicyFilter().process(task_data, ctx) is task_data
+    ctx.set_prop(FLContextKey.FILTER_DIRECTION, FilterKey.OUT, private=True, sticky=False)
 
 
 def weight_diff(metrics: dict, **meta) -> DXO:
@@ -87,8 +107,11 @@ def first_patient(site_root: Path, field: str) -> str:
         return next(csv.DictReader(f))[field]
 
 
-def run_filter(site_root, policy, dxo):
-    return SitePolicyFilter().process(dxo.to_shareable(), job_context(site_root, policy))
+def run_filter(site_root, policy, dxo, **context):
+    """``dxo`` as a task result through the site's filter, after the site received the job's global model."""
+    ctx = job_context(site_root, policy, **context)
+    receive_global_model(ctx)
+    return SitePolicyFilter().process(dxo.to_shareable(), ctx)
 
 
 # ---------------------------------------------------------------- site policy
@@ -176,31 +199,39 @@ def test_a_blocked_field_name_is_blocked(site):
 
 
 def test_a_job_without_dataset_at_the_site_is_blocked(site):
-    ctx = job_context(site, POLICY, job="not_a_job_of_this_site")
-    code = SitePolicyFilter().process(weight_diff({}).to_shareable(), ctx).get_return_code()
+    code = run_filter(site, POLICY, weight_diff({}), job="not_a_job_of_this_site").get_return_code()
     assert "this site has no dataset for job 'not_a_job_of_this_site'" in code
 
 
 DP_ON = {**POLICY, "differential_privacy": {**POLICY["differential_privacy"], "enabled": True}}
 
 
+RECORDED = {"dp_noise_multiplier": 1.0, "dp_sample_rate": 0.1, "dp_steps": 10, "dp_max_grad_norm": 1.0}
+
+
 @pytest.mark.parametrize(
     "meta, reason",
     [
-        ({}, "lacks DP accounting (dp_epsilon, dp_delta, dp_max_grad_norm)"),
-        ({"dp_epsilon": 8.5, "dp_delta": 1e-5, "dp_max_grad_norm": 1.0}, "exceeds the site's budget 8.0"),
-        ({"dp_epsilon": 2.0, "dp_delta": 1e-3, "dp_max_grad_norm": 1.0}, "exceeds the site's delta"),
-        ({"dp_epsilon": 2.0, "dp_delta": 1e-5, "dp_max_grad_norm": 5.0}, "exceeds the site's max_grad_norm"),
+        ({}, "lacks DP accounting (dp_noise_multiplier, dp_sample_rate, dp_steps, dp_max_grad_norm)"),
+        ({**RECORDED, "dp_noise_multiplier": 0.3, "dp_steps": 2000, "dp_epsilon": 0.1},
+         "(the site's accountant, this result included) exceeds the site's budget 8.0"),
+        ({**RECORDED, "dp_max_grad_norm": 5.0}, "exceeds the site's max_grad_norm"),
     ],
-)
+)  # fmt: skip
 def test_dp_required_blocks_results_without_accounting_or_over_budget(site, meta, reason):
     code = run_filter(site, DP_ON, weight_diff({"val_auc": 0.5}, **meta)).get_return_code()
     assert code.startswith(BLOCKED) and reason in code
 
 
-def test_dp_within_budget_passes_and_metrics_need_no_accounting(site):
-    ok = weight_diff({"val_auc": 0.5}, dp_epsilon=7.9, dp_delta=1e-5, dp_max_grad_norm=1.0)
-    assert run_filter(site, DP_ON, ok).get_return_code() == ReturnCode.OK
+def test_dp_within_budget_passes_is_recorded_and_metrics_need_no_accounting(site):
+    """The site's ledger of the job grows by each result it lets out; its epsilon is the site's own."""
+    ctx = job_context(site, DP_ON)
+    receive_global_model(ctx)
+    for sent in (1, 2):
+        result = weight_diff({"val_auc": 0.5}, **RECORDED).to_shareable()
+        assert SitePolicyFilter().process(result, ctx).get_return_code() == ReturnCode.OK
+        ledger = Ledger(Path(ctx.get_workspace().get_root_dir()) / STATE_DIR / DP_LEDGER_DIR, ctx.get_job_id())
+        assert ledger.entries() == [[1.0, 0.1, 10 * sent]]
     metrics_only = DXO(DataKind.METRICS, data={"val_auc": 0.5})
     assert run_filter(site, DP_ON, metrics_only).get_return_code() == ReturnCode.OK
 
