@@ -5,6 +5,7 @@ mutual TLS, and no patient identifier from the generated data reaches any log.""
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def foreign_kit(tmp_path: Path, trust_our_ca_from: Path | None) -> Path:
     (tmp_path / "project.yml").write_text(yaml.safe_dump(project))
     nvflare = Path(sys.executable).with_name("nvflare")
     subprocess.run([nvflare, "provision", "-p", "project.yml", "-w", str(tmp_path)], cwd=tmp_path, check=True,
-                   capture_output=True)  # fmt: skip
+                   capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO / "custom")))  # fmt: skip
     kit = tmp_path / PROJECT / "prod_00" / "hospital_x"
     if trust_our_ca_from:  # the intruder trusts our server; only the server's check of its certificate is left
         (kit / "startup" / "rootCA.pem").write_bytes((trust_our_ca_from / "startup" / "rootCA.pem").read_bytes())
