@@ -10,15 +10,33 @@ that was running and is back from the next. A run abort, an ended run and a lost
 was still downloading (which fails the job in NVFlare) are final, as in NVFlare.
 
 What a site needs across trainer processes lives in files (``client_loop``: best local model, DP history).
+
+Where the site names a job user (``HCLS_JOB_USER``, set by the role's flarectl.sh for a native client under
+systemd), the trainer runs as that user, not as the participant's: ``setpriv`` switches to it (the participant's
+unit grants CAP_SETUID, CAP_SETGID and CAP_KILL for this, nothing else) with no capabilities and no new
+privileges, so that job code cannot write the site's kit, policy and code nor read its keys (see README,
+"Job code and the site's files"). Its HOME is ``<site workspace>/job_state``, the one folder it may write.
 """
 
 import dataclasses
+import os
+import shutil
+from pathlib import Path
 
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.shareable import make_reply
 from nvflare.app_common.executors.client_api.external_process_backend import ExternalProcessBackend, _LaunchAborted
 from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
 from nvflare.security.logging import secure_format_traceback
+
+JOB_USER_ENV = "HCLS_JOB_USER"
+
+
+def job_user_command(user: str, argv: list, home: str) -> list:
+    """``argv`` run as ``user`` (its own groups), with HOME=``home``, no capabilities and no way to gain any."""
+    setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+    return [setpriv, f"--reuid={user}", f"--regid={user}", "--init-groups", "--inh-caps=-all", "--ambient-caps=-all",
+            "--no-new-privs", "--", shutil.which("env") or "/usr/bin/env", f"HOME={home}", *argv]  # fmt: skip
 
 
 class RelaunchingBackend(ExternalProcessBackend):
@@ -51,6 +69,17 @@ class RelaunchingBackend(ExternalProcessBackend):
                     executor.log_error(fl_ctx, f"trainer relaunch failed: {secure_format_traceback()}")
                     return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         return super()._execute_admitted_task(task_name, shareable, fl_ctx, abort_signal)
+
+    def _split_command(self, command):
+        """The job's trainer command; as the site's job user where it names one (``HCLS_JOB_USER``)."""
+        argv = super()._split_command(command)
+        user = os.environ.get(JOB_USER_ENV, "")
+        if not user:
+            return argv
+        # NVFlare writes the trainer's bootstrap (cell address, session token) owner-only; the job user reads it as a
+        # member of the participant's group (the workspace is the participant's, 0750).
+        os.chmod(self._active_launch.bootstrap_path, 0o640)
+        return job_user_command(user, argv, home=str(Path(self._run_dir).parent / "job_state"))
 
     def _lost_trainer(self):
         """Why the job's trainer cannot take a task (None while it can)."""
