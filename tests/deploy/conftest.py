@@ -327,7 +327,7 @@ def on_host(hosts, name: str, cmd: str, check=True, timeout=300) -> subprocess.C
     return result
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ssh_hosts(tmp_path_factory):
     """{"root": dir of the hosts' files, "key": SSH key, "inventory": hosts.yml, "env": for scripts/,
     "container_site": CONTAINER_SITE or None, "native_reason": why it is None, "trusted": scripts/trust_hosts.sh's
@@ -393,7 +393,7 @@ def ssh_hosts(tmp_path_factory):
         remove_hosts()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def provisioned(ssh_hosts):
     """Kits that dial flare-server, and tiny CXR data on each client host under /opt/data."""
     env = ssh_hosts["env"]
@@ -426,7 +426,7 @@ def run(*args, env, check=True, timeout=900, coordinator=False):
     return result
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def deployed(provisioned):
     """The federation deployed to the three hosts; {"first": the first deploy's result, ...provisioned}."""
     return {**provisioned, "first": run("deploy.sh", env=provisioned["env"])}

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import testinfra
 import yaml
-from conftest import TEST_TORCH, recap
+from .conftest import TEST_TORCH, recap
 
 REPO = Path(__file__).resolve().parents[2]
 CONSOLE = REPO / "docker" / "docker-compose.console.yml"

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import yaml
 import pytest
-from conftest import HOSTS, PREFIX, REPO, command, netns, recap, run, veth, write_inventory
-from conftest import on_host as _on_host
+from .conftest import HOSTS, PREFIX, REPO, command, netns, recap, run, veth, write_inventory
+from .conftest import on_host as _on_host
 from monai.networks.nets import DenseNet121
 
 TINY_PROFILE = json.loads((REPO / "tests" / "tiny_cxr_profile.json").read_text())  # 2 rounds, 32 px

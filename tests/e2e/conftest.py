@@ -36,7 +36,7 @@ def port_in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def env(tmp_path_factory):
     busy = [p for p in PORTS if port_in_use(p)]
     if busy:
@@ -48,7 +48,7 @@ def env(tmp_path_factory):
     assert not any(port_in_use(p) for p in PORTS), "the federation did not stop"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def deployed(env):
     first = run("provision.sh", env=env)
     second = run("provision.sh", "--he", env=env)  # HE contexts as well, for test_he.py; same root CA

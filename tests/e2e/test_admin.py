@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from conftest import REPO, run
+from .conftest import REPO, run
 
 TINY = json.loads((REPO / "tests" / "tiny_cxr_profile.json").read_text())  # 2 rounds, 32 px, no site resources
 

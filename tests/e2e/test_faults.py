@@ -22,7 +22,7 @@ import psutil
 import torch
 from monai.networks.nets import DenseNet121
 
-from conftest import run
+from .conftest import run
 
 TINY = json.loads((Path(__file__).resolve().parents[1] / "tiny_cxr_profile.json").read_text())
 HEARTBEAT_S = 10  # a stopped trainer is given up after this many seconds of silence

@@ -11,7 +11,7 @@ import pytest
 import tenseal as ts
 import torch
 
-from conftest import REPO, run
+from .conftest import REPO, run
 from monai.networks.nets import DenseNet
 
 sys.path.insert(0, str(REPO / "custom"))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from monai.networks.nets import DenseNet121
 
-from conftest import run
+from .conftest import run
 
 TINY_PROFILE = json.loads((Path(__file__).resolve().parents[1] / "tiny_cxr_profile.json").read_text())  # 2 rounds, 32 px
 

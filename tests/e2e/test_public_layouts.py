@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_DATA, run
+from .conftest import REPO, TINY_DATA, run
 
 TINY_PROFILE = json.loads((REPO / "tests" / "tiny_cxr_profile.json").read_text())
 LAYOUTS = {"hospital_a": "chexpert-small", "hospital_b": "nih"}
