@@ -12,6 +12,7 @@ DEST ?=
 KEEP ?=
 HE ?=
 FORCE ?=
+INSTALL ?=
 TIMEOUT ?=
 SERVER_HOST ?=
 INVENTORY ?= ansible/inventories/local/hosts.sh
@@ -19,7 +20,7 @@ INVENTORY ?= ansible/inventories/local/hosts.sh
 # make), reaches the recipes only through the environment (recipes pass "$$SITE", which the shell expands as one
 # word, never $(SITE), which make would paste into the command line), and is checked by check-vars
 # (scripts/common.sh check_make_vars: a strict pattern per variable) before any target does anything.
-USER_VARS := SITE JOB JOB_ID PROFILE WAIT DEST KEEP HE FORCE TIMEOUT SERVER_HOST INVENTORY
+USER_VARS := SITE JOB JOB_ID PROFILE WAIT DEST KEEP HE FORCE INSTALL TIMEOUT SERVER_HOST INVENTORY
 $(foreach v,$(USER_VARS),$(eval override $(v) := $$(value $(v))))
 export $(USER_VARS)
 
@@ -28,7 +29,7 @@ VENV := .venv/.installed
 .PHONY: help
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: SITE=<participant> JOB=<job or job folder> JOB_ID= PROFILE=demo WAIT=1 TIMEOUT=<s> DEST=<dir> KEEP=1 HE=1 FORCE=1 SERVER_HOST=<server name> INVENTORY=<file>"
+	@echo "  variables: SITE=<participant> JOB=<job or job folder> JOB_ID= PROFILE=demo WAIT=1 TIMEOUT=<s> DEST=<dir> KEEP=1 HE=1 FORCE=1 INSTALL=1 SERVER_HOST=<server name> INVENTORY=<file>"
 
 # check-vars comes first: a target whose variables are wrong stops before setup or anything else runs.
 .PHONY: check-vars
@@ -60,6 +61,10 @@ deploy: check-vars $(VENV) ## Push kits and site configs with Ansible and (re)st
 .PHONY: check-data
 check-data: check-vars $(VENV) ## Run each job's data check on a site's host, no training, no server (SITE=, JOB= default all, PROFILE=)
 	$(if $(SITE),,$(error SITE is not set: make check-data SITE=<site>))scripts/check_data.sh "$$SITE" "$$JOB" "$$PROFILE"
+
+.PHONY: approve
+approve: check-vars $(VENV) ## Build a job as submit does, print its digest and approve it in site_configs/site_<site>/approved_jobs.json (JOB=, PROFILE=, SITE= default all; INSTALL=1 also into the local deployed sites)
+	$(if $(JOB),,$(error JOB is not set: make approve JOB=<job> [PROFILE=] [SITE=]))scripts/approve.sh "$$JOB" "$$PROFILE" "$$SITE"
 
 .PHONY: submit
 submit: check-vars $(VENV) ## Build and submit a job through the admin kit (JOB=, PROFILE=demo, WAIT=1, TIMEOUT=)

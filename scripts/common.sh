@@ -95,7 +95,7 @@ check_make_vars() {
   [[ -z ${JOB:-} ]] || job_list "$JOB" >/dev/null
   check_var JOB_ID "${JOB_ID:-}" job_id
   check_var PROFILE "${PROFILE:-}" profile
-  for var in WAIT KEEP HE FORCE; do flag "$var" >/dev/null; done
+  for var in WAIT KEEP HE FORCE INSTALL; do flag "$var" >/dev/null; done
   check_var DEST "${DEST:-}" path
   check_timeout
   check_var SERVER_HOST "${SERVER_HOST:-}" host

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command local federation: scripts/demo.sh [KEEP] [JOB...]   (no JOB: every job; a JOB argument may hold
 # several names separated by spaces, as make demo JOB="a b" passes them; KEEP: 1, true or yes keeps it running)
-# provision (once) -> demo data -> deploy server and sites -> submit with the demo profile
+# provision (once) -> demo data -> approve the jobs' code at every site (site_configs/site_<site>/approved_jobs.json)
+# -> deploy server and sites -> submit with the demo profile
 # -> wait with progress -> fetch the best model -> stop the federation (KEEP=1 leaves it running).
 source "$(dirname "$0")/common.sh"
 keep=$(flag KEEP "${1:-}")
@@ -23,6 +24,8 @@ if kit_roots | grep -q .; then echo "kits exist: $(latest_kit_root) (make provis
 else "$REPO/scripts/provision.sh"; fi
 
 for job in "${jobs[@]}"; do step "generate $job data"; "$REPO/scripts/generate_data.sh" "$job"; done
+
+for job in "${jobs[@]}"; do step "approve $job (demo profile) at every site"; "$REPO/scripts/approve.sh" "$job" demo; done
 
 step "deploy"
 "$REPO/scripts/deploy.sh" | grep -E '^(PLAY RECAP|[a-z_@.-]+ +: ok=)'

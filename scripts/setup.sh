@@ -5,7 +5,7 @@ source "$(dirname "$0")/common.sh"
 
 # openssh-server, iproute2: the SSH test hosts of tests/deploy; docker-compose: compose files of the container runtime;
 # docker.io, debootstrap: the air-gapped image build and the container tests (scripts/docker_engine.sh starts dockerd).
-apt_packages=(jq yq openssl openssh-server iproute2 docker-compose docker.io debootstrap)
+apt_packages=(jq yq openssl openssh-server iproute2 nftables libcap2-bin docker-compose docker.io debootstrap)
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if (( ${#missing[@]} )); then

@@ -89,11 +89,22 @@ class JobConfig:
         return trainer
 
 
+# NVFlare's signature files, written into every folder of a job submitted signed: not part of the job's code.
+SIGNING_FILES = frozenset({".__nvfl_sig.json", ".__nvfl_submitter.crt"})
+
+
 def folder_digest(folder: Path) -> str:
-    """sha256 over every file of a job folder (relative path and content, in path order): its code and configuration."""
-    digest = hashlib.sha256()
+    """sha256 over every file of a job's app folder: per file its path relative to the folder (posix), a zero byte,
+    and the sha256 of its content, in path order; ``__pycache__`` and NVFlare's signature files left out. The
+    digest a site approves (site_privacy.approval.app_digest, the same recipe: site code imports nothing of a job's)."""
     folder = Path(folder)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+    files = sorted(
+        (p.relative_to(folder).as_posix(), p)
+        for p in folder.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.name not in SIGNING_FILES
+    )
+    digest = hashlib.sha256()
+    for rel, path in files:
+        digest.update(rel.encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()

@@ -51,6 +51,7 @@ ENDED = {
 }
 PROGRESS = re.compile(
     r"(Round \d+ started|Round \d+ finished|round \d+: .*aggregated \d+ of \d+|validation metric \S+ from client \S+"
+    r"|Ignore the result from \S+ at round \d+"  # a site's result the round went on without, and why
     r"|new best validation metric at round \d+: \S+|Cross-site|Task .*(error|exception)|Exception|ERROR)"
 )
 BEST = re.compile(r"new best validation metric at round (\d+): (\S+)")

@@ -12,4 +12,7 @@
   numbers, allowed meta keys with numeric values, no free text);
 * ``components``: the NVFlare components the scope installs: ``SitePolicyFilter`` (task results)
   and ``OutgoingEventGuard`` (events streamed to the server, e.g. metrics).
+* ``approval``: the job code the site approved (``local/approved_jobs.json``, by digest of the job's app):
+  ``ApprovingAppDeployer``, the site's ``app_deployer`` (``local/resources.json``), refuses any other job before
+  it runs, and the approved name is the job's identity for the checks above.
 """

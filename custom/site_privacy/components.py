@@ -18,18 +18,17 @@
   that carry a blocked field name or identifier value. It sees each outgoing event before NVFlare's
   event sender does, because NVFlare adds scope components before its own widgets. It also records the
   structure of the global model from each task's data as the server sent it (``BEFORE_TASK_DATA_FILTER``,
-  before any of the job's filters) and the digest of the job's app when the run starts.
+  before any of the job's filters) and, when the run starts, the name under which the site approves the job's
+  app (``approval.approved_job_name``).
 
-The job a result belongs to (whose dataset is counted and checked) is the site's, not the job's word: with
-``approved_jobs`` in the site config (``{job name: [sha256 of the job's app folder, ...]}``) it is the job
-whose approved digest the deployed app has, and any other app is blocked; without it, the job's meta name
-selects the dataset that is counted, and identifier values are matched from every dataset of the site, so a
-job calling itself by another job's name is still checked against the data it could read.
+The job a result belongs to (whose dataset is counted and checked) is the site's, not the job's word: the job
+name under which the site approves the deployed app's digest (``approval``: ``local/approved_jobs.json``), fixed
+when the run starts, whatever name the job's meta gives itself; a job the site does not approve is refused
+before it runs (``approval.ApprovingAppDeployer``), and its results, should one run anyway, are blocked.
 
 A site that cannot read its own policy or data blocks everything (fails closed).
 """
 
-import hashlib
 import json
 import os
 from functools import lru_cache
@@ -45,6 +44,7 @@ from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from nvflare.widgets.fed_event import FedEventHeader
 
 from site_privacy import dataset
+from site_privacy.approval import approved_job_name
 from site_privacy.identifiers import IdentifierIndex
 from site_privacy.dp_ledger import PARAMETER_KINDS, Ledger
 from site_privacy.outgoing import find_blocked
@@ -63,10 +63,8 @@ PRIVACY_FILE = "local/privacy.json"
 SITE_CONFIG_FILE = "site_config.json"  # in local/, rendered by deployment: data root and datasets per job
 STATE_DIR = "site_privacy_state"  # <site workspace>/site_privacy_state/<job id>.json: the recorded model structure
 DP_LEDGER_DIR = "dp_ledger"  # <site workspace>/site_privacy_state/dp_ledger/<job id>.json: site_privacy.dp_ledger
-APPROVED_JOBS = "approved_jobs"  # site config: {job name: [sha256 of the job's app folder, ...]}
 
 _structures: dict[str, ModelStructure] = {}  # job id -> structure of its global model (this job process)
-_digests: dict[str, str] = {}  # job id -> digest of its app folder when its run started
 
 
 @lru_cache(maxsize=8)
@@ -98,43 +96,10 @@ def _site_config(fl_ctx: FLContext) -> str:
     return str(Path(fl_ctx.get_workspace().get_site_config_dir()) / SITE_CONFIG_FILE)
 
 
-def _claimed_name(fl_ctx: FLContext) -> str:
-    """The name the job gives itself in its meta.json (only for messages and sites without approved_jobs)."""
-    name = (fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("name", "")
-    return name if isinstance(name, str) else ""
-
-
-def app_digest(app_dir: Path) -> str:
-    """sha256 over every file of a job's app folder (relative path and content, in path order), as the job's
-    digest in best_model.json is computed (re-implemented here: site code imports nothing of a job's)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(app_dir).rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        digest.update(path.relative_to(app_dir).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
-def _job_digest(fl_ctx: FLContext) -> str:
-    job_id = fl_ctx.get_job_id()
-    if job_id not in _digests:
-        _digests[job_id] = app_digest(Path(fl_ctx.get_workspace().get_app_dir(job_id)))
-    return _digests[job_id]
-
-
 def job_identity(fl_ctx: FLContext) -> str:
-    """The job name whose dataset the site counts for this job: the site's approval of the app's digest, or
-    (a site without approved_jobs) the job's meta name. ValueError when the site approves no such app."""
-    site_config = _site_config(fl_ctx)
-    approved = dataset.read_site_config(Path(site_config)).get(APPROVED_JOBS)
-    if approved is None:
-        return _claimed_name(fl_ctx)
-    if not isinstance(approved, dict):
-        raise ValueError(f"{site_config}: {APPROVED_JOBS} must map job names to lists of app digests")
-    digest = _job_digest(fl_ctx)
-    for name, digests in approved.items():
-        if isinstance(digests, list) and digest in digests:
-            return name
-    raise ValueError(f"{site_config}: the job's app (sha256 {digest}) is not in {APPROVED_JOBS}")
+    """The job name whose dataset the site counts for this job: the name under which the site approves the job's
+    app (never the job's meta name). ValueError when the site approves no such app."""
+    return approved_job_name(fl_ctx)
 
 
 def _state_dir(fl_ctx: FLContext) -> Path:
@@ -248,13 +213,18 @@ class OutgoingEventGuard(FLComponent):
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type in (EventType.START_RUN, EventType.BEFORE_TASK_DATA_FILTER):
             try:
-                if event_type == EventType.START_RUN:
-                    _digests.pop(fl_ctx.get_job_id(), None)
-                    _job_digest(fl_ctx)  # before a trainer runs in (and may write into) the app folder
+                if event_type == EventType.START_RUN:  # before a trainer runs in (and may write into) the app folder
+                    name = approved_job_name(fl_ctx, refresh=True)
+                    claimed = (fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("name", "")
+                    self.log_info(
+                        fl_ctx, f"privacy policy: job {fl_ctx.get_job_id()} is checked as '{name}', the job the site "
+                        f"approved its code as (its meta name: '{claimed}')", fire_event=False,
+                    )  # fmt: skip
                 else:
                     record_structure(fl_ctx.get_prop(FLContextKey.TASK_DATA), fl_ctx)
             except (OSError, ValueError, TypeError) as err:  # the result filter then fails closed
-                self.log_error(fl_ctx, f"privacy policy: cannot record the job's app or model: {err}", fire_event=False)
+                message = f"privacy policy: cannot record the job's approval or model: {err}"
+                self.log_error(fl_ctx, message, fire_event=False)
             return
         if fl_ctx.get_prop(FLContextKey.EVENT_SCOPE) != EventScope.FEDERATION:
             return

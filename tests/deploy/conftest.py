@@ -25,6 +25,15 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
 
 
 TINY_DATA = json.loads((REPO / "tests" / "tiny_data.json").read_text())  # generator sizes (scripts/generate_data.sh)
+TINY_PROFILE = json.loads((REPO / "tests" / "tiny_cxr_profile.json").read_text())  # 2 rounds, 32 px
+# test_ssh_faults: a site cut off longer than a round (8 rounds, min_clients 1, training only: CI time).
+CUT_OFF_TRAIN_TIMEOUT = 60  # round 0 includes the first trainer start (~30 s cold)
+CUT_OFF_PROFILE = {**TINY_PROFILE, "server": {
+    **TINY_PROFILE["server"], "num_rounds": 8, "min_clients": 1, "train_timeout": CUT_OFF_TRAIN_TIMEOUT,
+    "workflows": [{"id": "cross_site_validation", "remove": True}],
+}}  # fmt: skip
+# The profiles of the CXR jobs the SSH tests submit: every site approves them (make approve) before the deploy.
+APPROVED_PROFILES = [TINY_PROFILE, CUT_OFF_PROFILE]
 
 PREFIX = "hclsd"  # namespaces hclsd-h<i>, root-side veths hclsd-v<i>, bridge hclsd-br
 BRIDGE, BRIDGE_ADDR = f"{PREFIX}-br", "10.77.0.1"
@@ -327,7 +336,7 @@ def on_host(hosts, name: str, cmd: str, check=True, timeout=300) -> subprocess.C
     return result
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ssh_hosts(tmp_path_factory):
     """{"root": dir of the hosts' files, "key": SSH key, "inventory": hosts.yml, "env": for scripts/,
     "container_site": CONTAINER_SITE or None, "native_reason": why it is None, "trusted": scripts/trust_hosts.sh's
@@ -370,6 +379,7 @@ def ssh_hosts(tmp_path_factory):
         # The coordinator (this machine) resolves the server name only for the admin's own processes.
         (root / "coordinator_hosts").write_text(f"127.0.0.1 localhost\n{HOSTS['flare-server']} flare-server\n")
         env = dict(os.environ, HCLS_WORKSPACE=str(root / "coordinator"), MODELS_DIR=str(root / "models"),
+                   HCLS_SITE_CONFIGS=str(root / "site_configs"),  # the sites' approvals of job code
                    INVENTORY=str(write_inventory(root / "hosts.yml", key)), SERVER_HOST="flare-server",
                    ANSIBLE_CONFIG=str(REPO / "ansible" / "ansible.cfg"), **TINY_DATA)  # fmt: skip
         # Host keys pinned as a user pins them (make trust-hosts): every deploy checks them strictly.
@@ -393,12 +403,17 @@ def ssh_hosts(tmp_path_factory):
         remove_hosts()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def provisioned(ssh_hosts):
-    """Kits that dial flare-server, and tiny CXR data on each client host under /opt/data."""
+    """Kits that dial flare-server, tiny CXR data on each client host under /opt/data, and the jobs the tests submit
+    (APPROVED_PROFILES) approved at every site (HCLS_SITE_CONFIGS: the deploy installs the approvals)."""
     env = ssh_hosts["env"]
     run("provision.sh", env=env)
     run("generate_data.sh", "cxr_classification", env=env)
+    for i, profile in enumerate(APPROVED_PROFILES):
+        path = ssh_hosts["root"] / f"approved_{i}.json"
+        path.write_text(json.dumps(profile))
+        run("approve.sh", "cxr_classification", path, env=env)
     for site in ("hospital_a", "hospital_b"):
         (Path(env["HCLS_WORKSPACE"]) / "data" / site).rename(ssh_hosts["root"] / site / "opt" / "data")
     return ssh_hosts
@@ -426,7 +441,7 @@ def run(*args, env, check=True, timeout=900, coordinator=False):
     return result
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def deployed(provisioned):
     """The federation deployed to the three hosts; {"first": the first deploy's result, ...provisioned}."""
     return {**provisioned, "first": run("deploy.sh", env=provisioned["env"])}

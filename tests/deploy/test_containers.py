@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import testinfra
 import yaml
-from conftest import TEST_TORCH, recap
+from .conftest import TEST_TORCH, recap
 
 REPO = Path(__file__).resolve().parents[2]
 CONSOLE = REPO / "docker" / "docker-compose.console.yml"
@@ -149,7 +149,7 @@ def stack(tmp_path_factory):
     os.environ["DOCKER_HOST"] = docker_host  # for testinfra's docker backend
     work = tmp_path_factory.mktemp("containers")
     env = {**os.environ, "HCLS_WORKSPACE": str(work / "workspace"), "TORCH_REQUIREMENT": TEST_TORCH,
-           "SERVER_HOST": SERVER["name"], **TINY_CXR}  # fmt: skip
+           "SERVER_HOST": SERVER["name"], "HCLS_SITE_CONFIGS": str(work / "site_configs"), **TINY_CXR}  # fmt: skip
     try:
         leftovers = sh("docker", "ps", "-aq", "--filter", "name=^flare-", env=env).stdout.split()  # a crashed run's
         if leftovers:
@@ -160,7 +160,8 @@ def stack(tmp_path_factory):
         sh(REPO / "scripts" / "generate_data.sh", "cxr_classification", env=env)
         profile = work / "tiny.json"
         profile.write_text(json.dumps(TINY_PROFILE))
-        sh(REPO / "scripts" / "build_job.sh", "cxr_classification", profile, env=env)
+        # Built as submit builds it, and approved at every site (HCLS_SITE_CONFIGS): the deploy installs the approval.
+        sh(REPO / "scripts" / "approve.sh", "cxr_classification", profile, env=env)
         first = sh(REPO / "scripts" / "compose_prepare.sh", env=env, timeout=600)
         image = sh(REPO / "scripts" / "build_image.sh", "tag", env=env).stdout.strip()
         compose = work / "workspace" / "compose"

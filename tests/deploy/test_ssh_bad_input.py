@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 import yaml
-from conftest import HOSTS, REPO, known_hosts, on_host, recap, run, sh, wait_for_ssh, write_inventory
+from .conftest import HOSTS, REPO, known_hosts, on_host, recap, run, sh, wait_for_ssh, write_inventory
 
 
 def host_state(root, name: str) -> dict:

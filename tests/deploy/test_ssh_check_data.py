@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import testinfra
-from conftest import run
+from .conftest import run
 
 
 def running_pids(env) -> dict:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import testinfra
-from conftest import HOSTS, REPO, on_host, recap, run, veth, write_inventory
+from .conftest import HOSTS, REPO, on_host, recap, run, veth, write_inventory
 
 def host(name: str, inventory) -> testinfra.host.Host:
     return testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory}")

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 import yaml
 import pytest
-from conftest import HOSTS, PREFIX, REPO, command, netns, recap, run, veth, write_inventory
-from conftest import on_host as _on_host
+from .conftest import CUT_OFF_PROFILE, CUT_OFF_TRAIN_TIMEOUT, HOSTS, PREFIX, REPO, command, netns, recap, run, veth
+from .conftest import write_inventory
+from .conftest import on_host as _on_host
 from monai.networks.nets import DenseNet121
 
 TINY_PROFILE = json.loads((REPO / "tests" / "tiny_cxr_profile.json").read_text())  # 2 rounds, 32 px
@@ -232,14 +233,11 @@ def test_a_site_cut_off_for_longer_than_a_round_misses_it_and_contributes_again(
     How soon it is back depends on its task request in flight when the link went down: a request whose reply was
     lost is retried after the kit's communication_timeout (fed_client.json, set by provision/project.yml; NVFlare's
     default of 300 s kept a site out for minutes), so the wait for its return is bounded by that plus two rounds."""
-    env, site, train_timeout = deployed["env"], "hospital_b", 60  # round 0 includes the first trainer start (~30 s cold)
+    env, site, train_timeout = deployed["env"], "hospital_b", CUT_OFF_TRAIN_TIMEOUT
     kit = json.loads(on_host(deployed, site, f"cat /opt/hcls-flare/{site}/startup/fed_client.json").stdout)
     communication_timeout = kit["client"]["communication_timeout"]
     assert communication_timeout <= 60, kit["client"]
-    no_cross_site = [{"id": "cross_site_validation", "remove": True}]  # training only: CI time
-    layer = {**TINY_PROFILE, "server": {**TINY_PROFILE["server"], "num_rounds": 8, "min_clients": 1,
-                                        "train_timeout": train_timeout, "workflows": no_cross_site}}  # fmt: skip
-    job, job_id = submit(deployed, tmp_path, wait=True, layer=layer)
+    job, job_id = submit(deployed, tmp_path, wait=True, layer=CUT_OFF_PROFILE)  # approved (conftest)
     link = veth(list(HOSTS).index(site))
     try:
         if site == deployed["container_site"]:  # flarectl.sh's digest guard works in a container too

@@ -11,12 +11,12 @@ import re
 import shutil
 import subprocess
 
-from conftest import HOSTS, REPO, command, on_host, run
+from .conftest import HOSTS, REPO, command, on_host, run
 
 SITE = "hospital_a"
 TINY_ONE_ROUND = {**json.loads((REPO / "tests" / "tiny_cxr_profile.json").read_text()), "server": {"num_rounds": 1}}
 # What the site enforces and holds, relative to its workspace: none may change, the key may not be read.
-GUARDED = ["local/privacy.json", "local/site_config.json", "local/resources.json",
+GUARDED = ["local/privacy.json", "local/site_config.json", "local/resources.json", "local/approved_jobs.json",
            "local/custom/site_privacy/components.py", "startup/client.key", "startup/fed_client.json"]  # fmt: skip
 
 # Forged: at hospital_a, before training as the real CXR trainer, each attack; outcomes to job_state/hostile.json
@@ -59,7 +59,7 @@ if Path.cwd().name == "app_{site}":
                                                                                    ws / "local/privacy.json")),
         "write site code": attempt("write site code", lambda: append(ws / "local/custom/site_privacy/components.py",
                                                                      "\\nALLOW_ALL = True\\n")),
-        "add local file": attempt("add local file", lambda: (ws / "local/approved_jobs.json").write_text("{{}}")),
+        "add local file": attempt("add local file", lambda: (ws / "local/zz_hostile.json").write_text("{{}}")),
         "write kit": attempt("write kit", lambda: append(ws / "startup/fed_client.json", " ")),
         "read client.key": attempt("read client.key", lambda: (ws / "startup/client.key").read_bytes()),
         "take uid flare": attempt("take uid flare", lambda: os.setuid(2710)),
@@ -91,6 +91,9 @@ def test_a_hostile_trainer_is_refused_and_the_job_still_trains(deployed, tmp_pat
     (job / "app" / "custom" / "forged_trainer.py").write_text(FORGED.format(server=HOSTS["flare-server"], site=SITE))
     config = job / "app" / "config" / "config_fed_client.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "app_script": "forged_trainer.py"}))
+    # The site approved this code (the test is what the job user cannot do, not what the site refuses to run).
+    run("approve.sh", job, "", SITE, env=env)
+    run("deploy.sh", SITE, env=env)
     before, packets = digests(ws), blocked_packets(deployed)
     (ws / "job_state" / "hostile.json").unlink(missing_ok=True)
 
@@ -111,7 +114,7 @@ def test_a_hostile_trainer_is_refused_and_the_job_still_trains(deployed, tmp_pat
     assert outcomes["read client.key"].startswith("PermissionError"), outcomes
     assert outcomes["connect to server"].startswith("OSError: [Errno 113]"), outcomes  # EHOSTUNREACH: rejected
     assert digests(ws) == before
-    assert not (ws / "local" / "approved_jobs.json").exists()
+    assert not (ws / "local" / "zz_hostile.json").exists()
     # The site says why: the kernel counted (and logged, "hcls-flare job egress blocked:") the rejected packet, and the
     # trainer's output is in the site's log.
     assert blocked_packets(deployed) > packets

@@ -1,5 +1,7 @@
 """One real local federation for the end-to-end tests: provisioned twice, deployed with
-Ansible, in a private workspace (HCLS_WORKSPACE, MODELS_DIR), stopped at the end."""
+Ansible, in a private workspace (HCLS_WORKSPACE, MODELS_DIR, and HCLS_SITE_CONFIGS for the sites' approvals of
+job code), stopped at the end. Each job a test submits is approved first (``approve``), as a site's operator
+approves it with make approve."""
 
 import json
 import os
@@ -36,19 +38,20 @@ def port_in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def env(tmp_path_factory):
     busy = [p for p in PORTS if port_in_use(p)]
     if busy:
         pytest.fail(f"ports {busy} are in use (a running demo? 'make down' stops it)")
     work = tmp_path_factory.mktemp("federation")
-    environ = dict(os.environ, HCLS_WORKSPACE=str(work / "workspace"), MODELS_DIR=str(work / "models"), **TINY_DATA)
+    environ = dict(os.environ, HCLS_WORKSPACE=str(work / "workspace"), MODELS_DIR=str(work / "models"),
+                   HCLS_SITE_CONFIGS=str(work / "site_configs"), **TINY_DATA)  # fmt: skip
     yield environ
     run("control.sh", "stop", env=environ, check=False)
     assert not any(port_in_use(p) for p in PORTS), "the federation did not stop"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def deployed(env):
     first = run("provision.sh", env=env)
     second = run("provision.sh", "--he", env=env)  # HE contexts as well, for test_he.py; same root CA
@@ -58,12 +61,19 @@ def deployed(env):
     return {"fingerprints": (root_ca_fingerprint(first.stdout), root_ca_fingerprint(second.stdout))}
 
 
+def approve(env: dict, job, profile="") -> str:
+    """Every site approves JOB (a job of job_configs/ built with PROFILE, or a ready job folder) as make approve
+    INSTALL=1 does: recorded in HCLS_SITE_CONFIGS and written into the deployed sites, which read it for each job.
+    Its digest (approve.sh's output says it)."""
+    out = run("approve.sh", "--install", str(job), str(profile), env=env).stdout
+    return re.search(r"sha256 ([0-9a-f]{64})", out).group(1)
 
 
 def submit_and_fetch(job: str, profile: dict, env: dict, tmp_path: Path) -> tuple[str, str]:
-    """Submit JOB with a profile overlay, wait for it, fetch its best model: (submit output, job id)."""
+    """Approve and submit JOB with a profile overlay, wait for it, fetch its best model: (submit output, job id)."""
     overlay = tmp_path / f"{job}.json"
     overlay.write_text(json.dumps(profile))
+    approve(env, job, overlay)
     out = run("submit.sh", job, str(overlay), "1", env=env).stdout
     job_id = re.search(r"job id (\S+)", out).group(1)
     run("fetch_model.sh", job, job_id, env=env)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from monai.networks.nets import SegResNet
 
-from conftest import REPO, submit_and_fetch
+from .conftest import REPO, submit_and_fetch
 
 CT_TINY = {
     "site_resources": None,

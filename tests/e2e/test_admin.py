@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from conftest import REPO, run
+from .conftest import REPO, approve, run
 
 TINY = json.loads((REPO / "tests" / "tiny_cxr_profile.json").read_text())  # 2 rounds, 32 px, no site resources
 
@@ -32,6 +32,7 @@ def build(env, tmp_path: Path, profile: dict, meta: dict = None) -> Path:
 
 
 def submit(env, job: Path, wait: str = "", **extra):
+    approve(env, job)
     result = run("submit.sh", str(job), "", wait, env={**env, **extra}, check=False)
     return result, re.search(r"job id (\S+)", result.stdout).group(1)
 

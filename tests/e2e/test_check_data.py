@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from conftest import REPO, run
+from .conftest import REPO, run
 
 PATIENT_ID = re.compile(r"patient\d{3,}|MRN-[A-Z]*\d+|\d+(\.\d+){4,}", re.I)  # CXR folders and MRNs, series uids
 ABSOLUTE_PATH = re.compile(r"(^|[\s'\"(=:,])/[\w.~-]")

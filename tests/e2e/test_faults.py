@@ -22,7 +22,7 @@ import psutil
 import torch
 from monai.networks.nets import DenseNet121
 
-from conftest import run
+from .conftest import approve, run
 
 TINY = json.loads((Path(__file__).resolve().parents[1] / "tiny_cxr_profile.json").read_text())
 HEARTBEAT_S = 10  # a stopped trainer is given up after this many seconds of silence
@@ -37,6 +37,7 @@ def profile(tmp_path: Path, name: str, server: dict, client: dict | None = None)
 
 
 def submit(env: dict, profile_file: str) -> str:
+    approve(env, "cxr_classification", profile_file)
     out = run("submit.sh", "cxr_classification", profile_file, env=env).stdout
     return re.search(r"job id (\S+)", out).group(1)
 

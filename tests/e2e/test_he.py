@@ -11,7 +11,7 @@ import pytest
 import tenseal as ts
 import torch
 
-from conftest import REPO, run
+from .conftest import REPO, approve, run
 from monai.networks.nets import DenseNet
 
 sys.path.insert(0, str(REPO / "custom"))
@@ -43,6 +43,7 @@ def admin_kit(env) -> str:
 def he_job(deployed, env, tmp_path_factory):
     overlay = tmp_path_factory.mktemp("he") / "he_tiny.json"
     overlay.write_text(json.dumps(he_profile()))
+    approve(env, "cxr_classification", overlay)
     out = run("submit.sh", "cxr_classification", str(overlay), "1", env=env).stdout
     return out, out.split("job id ")[1].split()[0]
 

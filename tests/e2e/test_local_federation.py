@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from monai.networks.nets import DenseNet121
 
-from conftest import run
+from .conftest import approve, run
 
 TINY_PROFILE = json.loads((Path(__file__).resolve().parents[1] / "tiny_cxr_profile.json").read_text())  # 2 rounds, 32 px
 
@@ -45,6 +45,7 @@ def test_kits_keep_keys_private(deployed, env):
 def test_tiny_cxr_job_trains_and_its_best_model_loads_strictly(deployed, env, tmp_path):
     profile = tmp_path / "tiny.json"
     profile.write_text(json.dumps(TINY_PROFILE))
+    approve(env, "cxr_classification", profile)
     out = run("submit.sh", "cxr_classification", str(profile), "1", env=env).stdout
     job_id = re.search(r"job id (\S+)", out).group(1)
     assert "Round 1 finished" in out and "FINISHED:COMPLETED" in out

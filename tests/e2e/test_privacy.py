@@ -16,54 +16,28 @@ import pytest
 import torch
 from monai.networks.nets import DenseNet121
 
-from conftest import REPO, run
+from .conftest import REPO, approve, run
 
 sys.path.insert(0, str(REPO / "custom"))
 from ops import job_builder  # noqa: E402
 
 TINY = json.loads((Path(__file__).resolve().parents[1] / "tiny_cxr_profile.json").read_text())  # 2 rounds, 32 px
-FORGED_METRIC = '''"""Forged: the real CXR trainer plus a metric named after a patient ID from the site's CSV."""
-import csv
+FORGED_NO_DP = '''
 
-import cxr_classification
-from hcls import client_loop
-from hcls.site_config import SiteConfig
-
-real_evaluate = cxr_classification.evaluate
-
-
-def evaluate(model, loader, device, key_metric):
-    with open(SiteConfig.from_env().dataset_dir("cxr_classification") / "train.csv", newline="") as f:
-        patient = next(csv.DictReader(f))["PatientID"]
-    metrics = real_evaluate(model, loader, device, key_metric)
-    return {**metrics, key_metric + "_" + patient: metrics[key_metric]}
-
-
-cxr_classification.evaluate = evaluate
-client_loop.main(cxr_classification.JOB_NAME, cxr_classification.build)
-'''
-FORGED_NO_DP = '''"""Forged: the real CXR trainer, told by a rewritten copy of the site config that DP is off."""
-import json
-import os
-from pathlib import Path
-
-import cxr_classification
-from hcls import client_loop
-
-site = json.loads(Path(os.environ["HCLS_SITE_CONFIG"]).read_text())
-site["privacy"]["differential_privacy"]["enabled"] = False
-Path("forged_site_config.json").write_text(json.dumps(site))
-os.environ["HCLS_SITE_CONFIG"] = str(Path("forged_site_config.json").resolve())
-client_loop.main(cxr_classification.JOB_NAME, cxr_classification.build)
+# Forged, appended to the job's own copy of hcls/site_config.py: at hospital_a the job's code reads the site's
+# policy as not requiring DP, and trains without it; hospital_b trains honestly (with DP).
+_site_dp_policy = SiteConfig.dp_policy.fget
+SiteConfig.dp_policy = property(lambda self: None if self.data["site_name"] == "hospital_a" else _site_dp_policy(self))
 '''
 
 FORGED_HOSTILE = '''"""Forged: the real CXR trainer; at hospital_a each train result carries one hostile thing
-(HOSTILE[round]), hospital_b trains honestly (min_clients 1: the job goes on while hospital_a's results are blocked)."""
+(HOSTILE[round]) and its first round streams a metric named after a patient; hospital_b trains honestly (min_clients 1: the job goes on while hospital_a's results are blocked)."""
 import csv
 
 import nvflare.client as flare
 import torch
 from nvflare.app_common.abstract.fl_model import ParamsType
+from nvflare.client.tracking import SummaryWriter
 
 import cxr_classification
 from hcls import client_loop
@@ -91,6 +65,8 @@ def send(model, *args, **kwargs):
     hostile, row = HOSTILE[len(rounds) % len(HOSTILE)], patient()
     rounds.append(hostile)
     pid, (last, first), birth = row["PatientID"], row["PatientName"].split("^"), row["PatientBirthDate"]
+    if len(rounds) == 1:  # a metric streamed to the server's TensorBoard, named after the patient
+        SummaryWriter().add_scalar("val_auc_" + pid, 0.5, global_step=0)
     params = {k: v - received[0].params[k] for k, v in model.params.items()}  # the diff the Client API would send
     model.params, model.params_type = params, ParamsType.DIFF
     if hostile == "extra_tensor":
@@ -127,8 +103,9 @@ HOSTILE_REASONS = [  # what hospital_a's log gives as the reason, round by round
 ]
 
 
-def build(env, profile: dict, tmp_path: Path, forged: str = "") -> Path:
-    """The real CXR job folder built with ``profile``; with ``forged``, that trainer replaces the job's script."""
+def build(env, profile: dict, tmp_path: Path, forged: str = "", appended: dict | None = None) -> Path:
+    """The real CXR job folder built with ``profile``; with ``forged``, that trainer replaces the job's script;
+    ``appended`` ({path in the app's custom/: code}) adds code to the job's own modules."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     overlay = tmp_path / "profile.json"
     overlay.write_text(json.dumps(profile))
@@ -137,12 +114,17 @@ def build(env, profile: dict, tmp_path: Path, forged: str = "") -> Path:
         (job / "app" / "custom" / "forged_trainer.py").write_text(forged)
         config = job / "app" / "config" / "config_fed_client.json"
         config.write_text(json.dumps({**json.loads(config.read_text()), "app_script": "forged_trainer.py"}))
+    for module, code in (appended or {}).items():
+        with open(job / "app" / "custom" / module, "a") as f:
+            f.write(code)
     copy = tmp_path / "job"
     shutil.copytree(job, copy)
     return copy
 
 
 def submit(env, job: Path):
+    """Approve (the sites approve a forged trainer too: what they test here is the site's filter) and submit."""
+    approve(env, job)
     result = run("submit.sh", str(job), "", "1", env=env, check=False)
     job_id = re.search(r"job id (\S+)", result.stdout).group(1)
     return result, job_id
@@ -216,41 +198,29 @@ def test_a_job_without_the_sites_scope_is_refused(deployed, env, tmp_path, scope
     assert not list((Path(env["HCLS_WORKSPACE"]) / "local" / "hospital_a").glob(f"{job_id}/app_hospital_a"))
 
 
-def test_a_forged_metric_carrying_a_patient_id_is_blocked(deployed, env, tmp_path):
-    result, job_id = submit(env, build(env, TINY, tmp_path, forged=FORGED_METRIC))
-    assert result.returncode != 0 and "FINISHED:COMPLETED" not in result.stdout
-    shown = re.search(r"Result from (hospital_\w) is bad, error code: PRIVACY_POLICY_BLOCKED by \1: (.*)",
-                      result.stdout)
-    assert shown and "a value of blocked field PatientID (train.csv) at /meta/initial_metrics" in shown.group(2)
-    assert "Contribution from hospital" not in server_job_log(env, job_id)  # the server got no update
-    site_log = next((Path(env["HCLS_WORKSPACE"]) / "local" / "hospital_a").glob(f"{job_id}/log.txt")).read_text()
-    assert "privacy policy: stopped the outgoing event" in site_log  # metrics streamed to TensorBoard
-    values = [v.encode() for v in identifiers(env)]
-    leaked = [path for path, content in server_contents(env) if any(v in content for v in values)]
-    assert not leaked, leaked
-
-
-def test_dp_job_spends_within_budget_and_a_job_skipping_dp_is_blocked(deployed, env, tmp_path, site_policy):
+def test_dp_job_spends_within_budget_and_a_site_skipping_dp_is_blocked(deployed, env, tmp_path, site_policy):
+    """One DP job, min_clients 1: hospital_b trains with DP and spends within its budget; at hospital_a the job's
+    code turns DP off, and the site blocks each of its results (no DP accounting) while the job completes."""
     dp = {"differential_privacy": {"enabled": True, "epsilon": 8, "delta": 1e-5, "max_grad_norm": 1}}
     site_policy({"hospital_a": dp, "hospital_b": dp})
     dp_profile = json.loads((REPO / "job_configs/cxr_classification/profiles/dp.json").read_text())
-    dp_tiny = {**TINY, "server": {**TINY["server"], **dp_profile["server"]}}
-    result, job_id = submit(env, build(env, dp_tiny, tmp_path / "dp"))
+    dp_tiny = {**TINY, "server": {**TINY["server"], **dp_profile["server"], "min_clients": 1}}
+    result, job_id = submit(env, build(env, dp_tiny, tmp_path, appended={"hcls/site_config.py": FORGED_NO_DP}))
     assert "FINISHED:COMPLETED" in result.stdout, result.stdout[-3000:]
-    for site in ("hospital_a", "hospital_b"):
-        site_log = next((Path(env["HCLS_WORKSPACE"]) / "local" / site).glob(f"{job_id}/log.txt")).read_text()
-        spent = [float(e) for e in re.findall(r"DP epsilon (\S+) spent by job \S+ at this site \(the site's accountant\), "
-                                               r"budget 8", site_log)]  # fmt: skip
-        assert len(spent) >= 2 and spent == sorted(spent) and 0 < spent[-1] <= 8.0, spent
+    site_log = next((Path(env["HCLS_WORKSPACE"]) / "local" / "hospital_b").glob(f"{job_id}/log.txt")).read_text()
+    spent = [float(e) for e in re.findall(r"DP epsilon (\S+) spent by job \S+ at this site \(the site's accountant\), "
+                                           r"budget 8", site_log)]  # fmt: skip
+    assert len(spent) >= 2 and spent == sorted(spent) and 0 < spent[-1] <= 8.0, spent
+    shown = re.findall(r"Ignore the result from hospital_a at round \d+\. Result error code: "
+                       r"PRIVACY_POLICY_BLOCKED by hospital_a: (.*)", result.stdout)  # what the operator sees
+    assert shown and all("the result lacks DP accounting" in reason for reason in shown), result.stdout[-3000:]
+    assert "Contribution from hospital_a" not in server_job_log(env, job_id)
     # The fetch builds the network from the job's own configuration: the GroupNorm variant, without naming it.
     run("fetch_model.sh", "cxr_classification", job_id, env=env)
     dp_network = DenseNet121(spatial_dims=2, in_channels=1, out_channels=18, norm=("group", {"num_groups": 32}),
                              act=("relu", {"inplace": False}))  # fmt: skip
     best = Path(env["MODELS_DIR"]) / "cxr_classification" / "best_model.pt"
     dp_network.load_state_dict(torch.load(best, weights_only=True), strict=True)
-    forged, forged_id = submit(env, build(env, TINY, tmp_path / "forged", forged=FORGED_NO_DP))
-    assert forged.returncode != 0
-    assert "PRIVACY_POLICY_BLOCKED by hospital_" in forged.stdout and "result lacks DP accounting" in forged.stdout
 
 
 def test_a_site_below_min_dataset_size_sends_no_update(deployed, env, tmp_path):
@@ -278,7 +248,11 @@ def test_a_hostile_job_is_blocked_by_structure_and_by_identifiers_in_any_encodin
     profile = {**TINY, "server": {**TINY["server"], "num_rounds": len(HOSTILE_REASONS), "min_clients": 1}}
     result, job_id = submit(env, build(env, profile, tmp_path, forged=FORGED_HOSTILE))
     assert "FINISHED:COMPLETED" in result.stdout, result.stdout[-3000:]
+    shown = re.search(r"Ignore the result from hospital_a at round 0\. Result error code: "
+                      r"PRIVACY_POLICY_BLOCKED by hospital_a: (.*)", result.stdout)  # what the operator sees
+    assert shown and re.search(HOSTILE_REASONS[0], shown.group(1)), result.stdout[-3000:]
     site_log = next((Path(env["HCLS_WORKSPACE"]) / "local" / "hospital_a").glob(f"{job_id}/log.txt")).read_text()
+    assert "privacy policy: stopped the outgoing event" in site_log  # the metric streamed to TensorBoard
     blocked = re.findall(rf"privacy policy: blocked the 'train' result of job {job_id}: (.*)", site_log)
     assert len(blocked) == len(HOSTILE_REASONS), blocked
     for reason, expected in zip(blocked, HOSTILE_REASONS):
@@ -294,6 +268,6 @@ def test_a_hostile_job_is_blocked_by_structure_and_by_identifiers_in_any_encodin
     assert server_log.count("PRIVACY_POLICY_BLOCKED by hospital_a") >= len(HOSTILE_REASONS)
     assert "Contribution from hospital_a" not in server_log  # COMPLETED with min_clients 1: hospital_b's counted
     last, first = row["PatientName"].split("^")
-    values = [v.encode() for v in (pid, pid.lower(), f"{first}_{last}".lower(), row["PatientName"])]
+    values = [v.encode() for v in identifiers(env) | {pid.lower(), f"{first}_{last}".lower()}]  # every site's
     leaked = [path for path, content in server_contents(env) if any(v in content for v in values)]
     assert not leaked, leaked

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_DATA, run
+from .conftest import REPO, TINY_DATA, approve, run
 
 TINY_PROFILE = json.loads((REPO / "tests" / "tiny_cxr_profile.json").read_text())
 LAYOUTS = {"hospital_a": "chexpert-small", "hospital_b": "nih"}
@@ -52,6 +52,7 @@ def public_cxr_layouts(deployed, env):
 def test_cxr_trains_across_chexpert_and_nih_downloads(public_cxr_layouts, env, tmp_path):
     profile = tmp_path / "tiny.json"
     profile.write_text(json.dumps({**TINY_PROFILE, "server": {"num_rounds": 1}}))
+    approve(env, "cxr_classification", profile)
     out = run("submit.sh", "cxr_classification", str(profile), "1", env=env).stdout
     job_id = re.search(r"job id (\S+)", out).group(1)
     assert "Round 0 finished" in out and "FINISHED:COMPLETED" in out, out[-3000:]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run, submit_and_fetch
+from .conftest import REPO, run, submit_and_fetch
 
 sys.path.insert(0, str(REPO / "custom"))
 from datagen.cxr import IDENTIFIER_COLUMNS  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import submit_and_fetch
+from .conftest import submit_and_fetch
 from monai.networks.nets import DenseNet121
 
 SPARSE_10 = {

@@ -293,8 +293,8 @@ def make(tmp_path, *args, **env):
 INJECTIONS = ["$(touch {m})", "$$(touch {m})", "`touch {m}`", "x; touch {m}", "$(shell touch {m})", "x' \"$(touch {m})"]
 TARGETS = {  # each variable, with a target that uses it
     "SITE": "deploy", "JOB": "fetch-model", "JOB_ID": "wait", "PROFILE": "submit", "WAIT": "submit",
-    "DEST": "fetch-model", "KEEP": "demo", "HE": "provision", "FORCE": "deploy", "TIMEOUT": "wait",
-    "SERVER_HOST": "provision", "INVENTORY": "status",
+    "DEST": "fetch-model", "KEEP": "demo", "HE": "provision", "FORCE": "deploy", "INSTALL": "approve",
+    "TIMEOUT": "wait", "SERVER_HOST": "provision", "INVENTORY": "status",
 }  # fmt: skip
 ALLOWED = {
     "SITE": "a participant name: letters, digits, _ . -",
@@ -305,7 +305,8 @@ ALLOWED = {
     "TIMEOUT": "a whole number of seconds > 0: digits",
     "SERVER_HOST": "a host name",
     "INVENTORY": "a path",
-    **{b: "a yes/no value: 1, true or yes (on); 0, false, no or empty (off)" for b in ("WAIT", "KEEP", "HE", "FORCE")},
+    **{b: "a yes/no value: 1, true or yes (on); 0, false, no or empty (off)"
+       for b in ("WAIT", "KEEP", "HE", "FORCE", "INSTALL")},
 }
 
 
@@ -346,7 +347,7 @@ def test_good_values_pass_including_a_job_folder_with_a_space(tmp_path):
     job.mkdir(parents=True)
     (job / "meta.json").write_text("{}")
     ok = make(tmp_path, "check-vars", "SITE=hospital_a", f"JOB={job}", f"JOB_ID={UUID}", "PROFILE=demo", "WAIT=yes",
-              f"DEST={tmp_path / 'a b'}", "KEEP=0", "HE=False", "FORCE=TRUE", "TIMEOUT=30",
+              f"DEST={tmp_path / 'a b'}", "KEEP=0", "HE=False", "FORCE=TRUE", "INSTALL=1", "TIMEOUT=30",
               "SERVER_HOST=flare.hcls.example.org", "INVENTORY=ansible/inventories/local/hosts.sh")  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert make(tmp_path, "check-vars", "JOB=cxr_classification lung_nodule_detection").returncode == 0
@@ -365,7 +366,7 @@ def flag(name: str, value: str):
                           text=True, env=dict(os.environ, **{name: value}))  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["HE", "WAIT", "KEEP", "FORCE"])
+@pytest.mark.parametrize("name", ["HE", "WAIT", "KEEP", "FORCE", "INSTALL"])
 def test_yes_no_variables_mean_what_they_say(name):
     for value in ("1", "true", "yes", "TRUE", "Yes"):
         assert flag(name, value).stdout == "true\n", value

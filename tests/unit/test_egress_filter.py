@@ -6,7 +6,6 @@ identifier or free data past the site; the legitimate results of the project's j
 import csv
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -129,32 +128,11 @@ def test_an_identifier_spelt_in_a_parameter_tensor_is_blocked(site, patient):
 
 
 def test_a_job_calling_itself_by_another_jobs_name_is_checked_against_the_sites_data(site, patient):
-    """The CXR job's code claims to be ct_segmentation (whose dataset has no identifiers): the site still
-    matches the identifiers of every dataset it holds."""
+    """The CXR job's code (approved as cxr_classification) claims to be ct_segmentation, whose dataset has no
+    identifiers: the site checks it as the job it approved, and matches the identifiers of every dataset it holds."""
     shareable = train_result({"val_auc": 0.6, f"val_auc_{patient['PatientID']}": 0.6})
-    assert_blocked(send(site, shareable, job="ct_segmentation"), "a value of blocked field PatientID (train.csv)")
-
-
-def test_with_approved_jobs_the_sites_approval_names_the_job(tmp_path, patient):
-    """approved_jobs in the site config: the job is the one whose approved digest the deployed app has, whatever
-    its meta says; an app the site did not approve is blocked."""
-    app = tmp_path / "app_files"
-    (app / "config").mkdir(parents=True)
-    (app / "config" / "config_fed_client.json").write_text("{}")
-    digest = components.app_digest(app)
-    root = make_site(tmp_path / "site", {"approved_jobs": {"ct_segmentation": [digest]}})
-    job_id = "approved-job"
-    deployed = Path(job_context(root, POLICY, job_id=job_id).get_workspace().get_app_dir(job_id))
-    deployed.parent.mkdir(parents=True)
-    shutil.copytree(app, deployed)
-    ctx = job_context(root, POLICY, job="cxr_classification", job_id=job_id)
-    assert components.job_identity(ctx) == "ct_segmentation"
-    small = {**POLICY, "min_dataset_size": 13}  # ct has 12: the claimed name (cxr, 12 too) does not matter
-    reply = send(root, train_result(), small, job="cxr_classification", job_id=job_id)
-    assert_blocked(reply, "lists 12 samples for job 'ct_segmentation'")
-    (deployed / "config" / "config_fed_client.json").write_text('{"changed": true}')
-    components._digests.clear()
-    assert_blocked(send(root, train_result(), job="ct_segmentation", job_id=job_id), "is not in approved_jobs")
+    reply = send(site, shareable, job="ct_segmentation", approved_as="cxr_classification")
+    assert_blocked(reply, "a value of blocked field PatientID (train.csv)")
 
 
 # ------------------------------------------------------------ structure: parameters

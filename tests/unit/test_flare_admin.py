@@ -93,6 +93,12 @@ def test_a_broken_round_record_is_refused_before_anything_is_written(result, tmp
      "aggregated 1 of 2", "10:41:20 round 7: hospital_b missing, aggregated 1 of 2"),
     ("2026-12-03 10:41:21,000 - FedAvgRounds - INFO - [identity=server, run=j]: round 7: aggregated 2 of 2",
      "10:41:21 round 7: aggregated 2 of 2"),
+    ("2026-12-03 10:41:22,000 - FedAvg - WARNING - [identity=server, run=j, peer=hospital_a, peer_rc=PRIVACY_POLICY_"
+     "BLOCKED by hospital_a: the result lacks DP accounting (dp_steps), task_name=train, task_id=t]: Ignore the result "
+     "from hospital_a at round 0. Result error code: PRIVACY_POLICY_BLOCKED by hospital_a: the result lacks DP "
+     "accounting (dp_steps). Remaining good clients (1) >= min_responses (1).",
+     "10:41:22 Ignore the result from hospital_a at round 0. Result error code: PRIVACY_POLICY_BLOCKED by hospital_a: "
+     "the result lacks DP accounting (dp_steps). Remaining good clients (1) >= min_responses (1)."),
 ])  # fmt: skip
 def test_round_lines_of_the_servers_job_log_are_progress(line, shown):
     assert flare_admin.PROGRESS.search(line)

@@ -27,7 +27,7 @@ from hcls.dp_sgd import make_private  # noqa: E402
 from hcls.job_config import JobConfig  # noqa: E402
 from hcls.site_config import SiteConfig  # noqa: E402
 from ops import job_builder  # noqa: E402
-from site_privacy import dataset  # noqa: E402
+from site_privacy import approval, dataset  # noqa: E402
 from site_privacy.components import BLOCKED, DP_LEDGER_DIR, STATE_DIR, SitePolicyFilter  # noqa: E402
 from site_privacy.dp_ledger import Ledger  # noqa: E402
 from site_privacy.policy import parse_policy  # noqa: E402
@@ -71,11 +71,26 @@ GLOBAL_MODEL = {  # the global model the server sends: names, shapes and dtypes 
 }
 
 
+def approve_app(site_root: Path, job_id: str, name: str) -> Path:
+    """A deployed app of job ``job_id`` (one config file naming ``name``: each name its own digest) that the site
+    approves under ``name`` in local/approved_jobs.json, as make approve and deployment leave it; the app folder."""
+    app = Path(Workspace(str(site_root), "hospital_a").get_app_dir(job_id))
+    if not app.exists():
+        (app / "config").mkdir(parents=True)
+        (app / "config" / "config_fed_client.json").write_text(json.dumps({"approved_as": name}))
+    approval.record(site_root / "local" / approval.APPROVED_FILE, name, [approval.app_digest(app)])
+    return app
+
+
 def job_context(site_root: Path, policy: dict, job: str = "cxr_classification", task: str = "train",
-                job_id: str | None = None) -> FLContext:  # fmt: skip
-    """The FL context of a site job process: job id, meta and the job's scope as sticky props (see ClientRunManager)."""
+                job_id: str | None = None, approved_as: str | None = None) -> FLContext:  # fmt: skip
+    """The FL context of a site job process: job id, meta and the job's scope as sticky props (see ClientRunManager).
+    The site approves the job's app under ``approved_as`` (default: the job's meta name; "" approves nothing)."""
+    job_id = job_id or f"job-{uuid.uuid4()}"
+    if approved_as != "":
+        approve_app(site_root, job_id, approved_as or job)
     stickers = {
-        ReservedKey.RUN_NUM: job_id or f"job-{uuid.uuid4()}",
+        ReservedKey.RUN_NUM: job_id,
         FLContextKey.JOB_META: {"name": job},
         FLContextKey.EFFECTIVE_JOB_SCOPE_NAME: "hospital_policy",
         FLContextKey.SCOPE_PROPERTIES: policy,
