@@ -92,8 +92,8 @@ def test_a_hostile_trainer_is_refused_and_the_job_still_trains(deployed, tmp_pat
     config = job / "app" / "config" / "config_fed_client.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "app_script": "forged_trainer.py"}))
     # The site approved this code (the test is what the job user cannot do, not what the site refuses to run).
-    run("approve.sh", job, "", SITE, env=env)
-    run("deploy.sh", SITE, env=env)
+    run("approve.sh", job, env=env)  # every site: the job runs at both
+    run("deploy.sh", env=env)
     before, packets = digests(ws), blocked_packets(deployed)
     (ws / "job_state" / "hostile.json").unlink(missing_ok=True)
 
