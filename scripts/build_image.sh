@@ -19,7 +19,9 @@ if [[ $kind == tag ]]; then echo "$image"; exit; fi   # scripts/build_image.sh t
 [[ $kind == production || $kind == airgapped ]] || die "usage: $0 production|airgapped|tag"
 docker info >/dev/null 2>&1 || die "no Docker engine answers ('docker info'); scripts/docker_engine.sh start starts one"
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-DEBIAN_BASE=hcls-debian-python3:bookworm
+# The air-gapped base's packages (nftables: the job user's egress rule, docker/Dockerfile); the tag names them.
+DEBIAN_PACKAGES=python3,python3-venv,procps,nftables
+DEBIAN_BASE=hcls-debian-base:bookworm-$(sha256sum <<<"$DEBIAN_PACKAGES" | cut -c1-8)
 build=$WORK/image
 context=$build/context
 
@@ -31,7 +33,7 @@ debian_base() {
   local rootfs=$build/rootfs
   rm -rf "$rootfs"
   echo "debootstrap bookworm from $DEBIAN_MIRROR"
-  debootstrap --variant=minbase --include=python3,python3-venv,procps bookworm "$rootfs" "$DEBIAN_MIRROR" \
+  debootstrap --variant=minbase --include="$DEBIAN_PACKAGES" bookworm "$rootfs" "$DEBIAN_MIRROR" \
     >"$build/debootstrap.log" 2>&1 || die "debootstrap from $DEBIAN_MIRROR failed, see $build/debootstrap.log"
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
   tar -C "$rootfs" -c . | docker import -c 'CMD ["bash"]' - "$DEBIAN_BASE" >/dev/null
