@@ -15,12 +15,14 @@ FORCE ?=
 INSTALL ?=
 TIMEOUT ?=
 SERVER_HOST ?=
+ORG ?=
+HOST ?=
 INVENTORY ?= ansible/inventories/local/hosts.sh
 # The variables' values are data. Each keeps the text it was given ($(value): a '$(...)' in it is not expanded by
 # make), reaches the recipes only through the environment (recipes pass "$$SITE", which the shell expands as one
 # word, never $(SITE), which make would paste into the command line), and is checked by check-vars
 # (scripts/common.sh check_make_vars: a strict pattern per variable) before any target does anything.
-USER_VARS := SITE JOB JOB_ID PROFILE WAIT DEST KEEP HE FORCE INSTALL TIMEOUT SERVER_HOST INVENTORY
+USER_VARS := SITE JOB JOB_ID PROFILE WAIT DEST KEEP HE FORCE INSTALL TIMEOUT SERVER_HOST ORG HOST INVENTORY
 $(foreach v,$(USER_VARS),$(eval override $(v) := $$(value $(v))))
 export $(USER_VARS)
 
@@ -29,7 +31,7 @@ VENV := .venv/.installed
 .PHONY: help
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: SITE=<participant> JOB=<job or job folder> JOB_ID= PROFILE=demo WAIT=1 TIMEOUT=<s> DEST=<dir> KEEP=1 HE=1 FORCE=1 INSTALL=1 SERVER_HOST=<server name> INVENTORY=<file>"
+	@echo "  variables: SITE=<participant> JOB=<job or job folder> JOB_ID= PROFILE=demo WAIT=1 TIMEOUT=<s> DEST=<dir> KEEP=1 HE=1 FORCE=1 INSTALL=1 SERVER_HOST=<server name> ORG=<org> HOST=<address> INVENTORY=<file>"
 
 # check-vars comes first: a target whose variables are wrong stops before setup or anything else runs.
 .PHONY: check-vars
@@ -57,6 +59,18 @@ trust-hosts: check-vars $(VENV) ## Pin the SSH host keys of INVENTORY's hosts in
 .PHONY: deploy
 deploy: check-vars $(VENV) ## Push kits and site configs with Ansible and (re)start participants between jobs (SITE=, default all; FORCE=1 restarts during a job)
 	scripts/deploy.sh "$$SITE"
+
+.PHONY: add-site
+add-site: check-vars $(VENV) ## Add a site: project.yml, site config, its kit from the same root CA, deploy it alone (SITE=, ORG=, HOST= for a YAML INVENTORY)
+	$(if $(SITE),,$(error SITE is not set: make add-site SITE=<new site> ORG=<org> [HOST=<address>]))scripts/add_site.sh "$$SITE" "$$ORG" "$$HOST"
+
+.PHONY: remove-site
+remove-site: check-vars $(VENV) ## Remove a site: refused by the server from now on, stopped for good, gone from project.yml (SITE=)
+	$(if $(SITE),,$(error SITE is not set: make remove-site SITE=<site>))scripts/remove_site.sh "$$SITE"
+
+.PHONY: renew
+renew: check-vars $(VENV) ## New certificates from the same root CA, deployed one participant at a time between jobs (SITE=<participant>|all, TIMEOUT=)
+	$(if $(SITE),,$(error SITE is not set: make renew SITE=<participant>|all))scripts/renew.sh "$$SITE"
 
 .PHONY: check-data
 check-data: check-vars $(VENV) ## Run each job's data check on a site's host, no training, no server (SITE=, JOB= default all, PROFILE=)

@@ -36,6 +36,7 @@ valid() {
     job_id) re='^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$' ;;
     seconds) re='^[1-9][0-9]{0,8}$' ;;
     number) re='^[0-9]{1,9}$' ;;
+    org) re='^[A-Za-z0-9_]+$' ;;
     host) (( ${#value} <= 253 )) || return 1
       re='^[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*$' ;;
     path) re='^[A-Za-z0-9_./+,=@%:][A-Za-z0-9_./ +,=@%:-]*$' ;;
@@ -53,6 +54,7 @@ describe() {
     job_id) echo "an NVFlare job id: a UUID (8-4-4-4-12 hexadecimal digits)" ;;
     seconds) echo "a whole number of seconds > 0: digits" ;;
     number) echo "a number: digits" ;;
+    org) echo "an NVFlare org name: letters, digits, _" ;;
     host) echo "a host name: letters, digits, _ - in labels separated by dots" ;;
     path) echo "a path: $PATH_CHARS" ;;
     profile) echo "a profile name (letters, digits, _ -) or a .json file (a path: $PATH_CHARS)" ;;
@@ -99,6 +101,8 @@ check_make_vars() {
   check_var DEST "${DEST:-}" path
   check_timeout
   check_var SERVER_HOST "${SERVER_HOST:-}" host
+  check_var ORG "${ORG:-}" org
+  check_var HOST "${HOST:-}" host
   check_var INVENTORY "${INVENTORY#"$REPO"/}" path   # made absolute above: the repository's own path is not checked
 }
 
@@ -122,6 +126,48 @@ latest_kit_root() {
   echo "$root"
 }
 admin_kit() { echo "$(latest_kit_root)/$(admin_name)"; }
+server_name() { project_yml '.participants[] | select(.type == "server") | .name'; }
+
+# The server name the sites' kits of kit set $1 dial (a client kit's startup/fed_client.json).
+kit_server_host() {
+  local kit
+  kit=$(ls -d "$1"/*/startup/fed_client.json 2>/dev/null | head -n1)
+  [[ -n $kit ]] || die "$1 has no site kit (startup/fed_client.json)"
+  jq -er '.servers[0].service.target | split(":")[0]' "$kit" || die "$kit: no servers[0].service.target"
+}
+
+# provision_like PREVIOUS [ONE]: a new kit set from the same root CA, its kits dialling the server as PREVIOUS's do
+# and with HE contexts where PREVIOUS's have them; prints nothing but errors (the log goes to $WORK/provision.log).
+# ONE: only that participant's kit will be used (keep_kits), which HE kits do not allow: provisioning makes a new
+# CKKS key pair, which the others' kits would not share.
+provision_like() {
+  local previous=$1 one=${2:-} server_host he=()
+  server_host=$(kit_server_host "$previous") || return 1
+  if [[ -n ${SERVER_HOST:-} && $SERVER_HOST != "$server_host" ]]; then
+    echo "error: SERVER_HOST=$SERVER_HOST, but the deployed kits ($previous) dial '$server_host': leave SERVER_HOST unset" >&2
+    return 1
+  fi
+  compgen -G "$previous/*/startup/*.tenseal" >/dev/null && he=(--he)
+  if [[ -n $one && ${#he[@]} -gt 0 ]]; then
+    echo "error: the kits of $previous carry HE contexts (make provision HE=1): a new kit for $one alone would hold" \
+      "another CKKS key than the others'; renew every kit instead (make renew SITE=all)" >&2
+    return 1
+  fi
+  SERVER_HOST=$server_host "$REPO/scripts/provision.sh" "${he[@]}" >"$WORK/provision.log" 2>&1 \
+    || { tail -n 20 "$WORK/provision.log" >&2; return 1; }
+  [[ $(latest_kit_root) != "$previous" ]] || { echo "provisioning wrote no new kit set, see $WORK/provision.log" >&2; return 1; }
+}
+
+# keep_kits PREVIOUS NEW NAME: in kit set NEW, every participant's kit but NAME's is PREVIOUS's, byte for byte (a
+# later deploy changes nothing of theirs).
+keep_kits() {
+  local previous=$1 new=$2 name=$3 entry
+  for entry in "$previous"/*; do
+    [[ $(basename "$entry") == "$name" ]] && continue
+    rm -rf "${new:?}/$(basename "$entry")"
+    cp -a "$entry" "$new/"
+  done
+}
 
 # Jobs are the job_configs/<job>/ folders with a job.json overlay (job_configs/base/ is what they share).
 all_jobs() { local f; for f in "$REPO"/job_configs/*/job.json; do basename "$(dirname "$f")"; done; }

@@ -145,6 +145,22 @@ def abort(kit: str, job_id: str) -> None:
     print(f"job {job_id}: abort requested (it was {status}); make wait JOB_ID={job_id} shows its end", flush=True)
 
 
+def disable_site(kit: str, site: str) -> None:
+    """Stop the server admitting ``site`` from now on (NVFlare's disable_client: its session is dropped and its
+    registrations refused; the server keeps the list in its workspace, disabled_clients.json, across restarts)."""
+    with session(kit) as sess:
+        try:
+            result = sess.disable_client(site)
+        except Exception as e:
+            raise AdminError(f"the server did not disable {site}: {e}") from e
+    entry = next((c for c in (result or {}).get("clients", []) if c.get("client_name") == site), None)
+    if not entry or entry.get("state") != "disabled":
+        raise AdminError(f"the server did not disable {site}: it answered {result}")
+    was = "was already disabled" if entry.get("already_disabled") else "disabled"
+    dropped = ", its session dropped" if entry.get("active_session_removed") else ""
+    print(f"{site}: {was} at the server{dropped}; its registrations are refused from now on", flush=True)
+
+
 def follow(kit: str, job_id: str, timeout: float = None, poll_s: float = 3.0) -> str:
     """Follow the job until it ends: its status changes and the progress lines of the server's job log.
 
@@ -684,6 +700,9 @@ def main(argv=None) -> int:
     f.add_argument("--dest", default="")
     st = sub.add_parser("status")
     st.add_argument("--kit", required=True)
+    ds = sub.add_parser("disable-site")
+    ds.add_argument("--kit", required=True)
+    ds.add_argument("--site", required=True)
     a = p.parse_args(argv)
     try:
         if a.cmd == "submit":
@@ -694,6 +713,8 @@ def main(argv=None) -> int:
             abort(a.kit, a.job_id)
         elif a.cmd == "fetch":
             fetch(a.kit, a.job, a.out, a.job_id, a.dest)
+        elif a.cmd == "disable-site":
+            disable_site(a.kit, a.site)
         else:
             status(a.kit)
     except AdminError as e:

@@ -39,6 +39,9 @@ PREFIX = "hclsd"  # namespaces hclsd-h<i>, root-side veths hclsd-v<i>, bridge hc
 BRIDGE, BRIDGE_ADDR = f"{PREFIX}-br", "10.77.0.1"
 HOSTS = {"flare-server": "10.77.0.10", "hospital_a": "10.77.0.11", "hospital_b": "10.77.0.12"}
 DATA_ROOT = "/opt/data"  # on every client host
+# A host that test_ssh_sites.py adds to the running federation (make add-site): made and booted only there.
+SPARE_HOSTS = {"hospital_c": "10.77.0.13"}
+ALL_HOSTS = {**HOSTS, **SPARE_HOSTS}
 # The site that runs its participant as a compose service of the air-gapped image (flare_participant_runtime:
 # container) under a Docker engine of its own systemd, when one can run here; the other sites stay native.
 CONTAINER_SITE = "hospital_b"
@@ -84,13 +87,13 @@ def remove_hosts():
     """Kill every process in our namespaces (systemd, sshd, participants, trainers), delete namespaces,
     bridge and the hosts' cgroups."""
     existing = sh("ip", "netns", "list", check=False)
-    for index in range(len(HOSTS)):
+    for index in range(len(ALL_HOSTS)):
         if netns(index) not in existing:
             continue
         for pid in sh("ip", "netns", "pids", netns(index), check=False).split():
             sh("kill", "-9", pid, check=False)
         sh("ip", "netns", "del", netns(index), check=False)
-    for link in [veth(i) for i in range(len(HOSTS))] + [BRIDGE]:
+    for link in [veth(i) for i in range(len(ALL_HOSTS))] + [BRIDGE]:
         sh("ip", "link", "del", link, check=False)
     # Also the container site's containers' cgroups (its dockerd's cgroup-parent hclsd/<site>-docker).
     for hierarchy in [*CGROUPS, *CONTROLLERS.split()]:
@@ -330,7 +333,7 @@ def on_host(hosts, name: str, cmd: str, check=True, timeout=300) -> subprocess.C
     """CMD in a root shell on host NAME, over SSH."""
     result = subprocess.run(
         ["ssh", "-i", hosts["key"], "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "LogLevel=ERROR",
-         "-o", "UserKnownHostsFile=/dev/null", f"root@{HOSTS[name]}", cmd], capture_output=True, text=True, timeout=timeout,
+         "-o", "UserKnownHostsFile=/dev/null", f"root@{ALL_HOSTS[name]}", cmd], capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     assert result.returncode == 0 or not check, f"{name}: {cmd}: {result.stdout}{result.stderr}"
     return result
@@ -376,6 +379,13 @@ def ssh_hosts(tmp_path_factory):
             wait_for_ssh(HOSTS[name], key)
             return time.monotonic() - started
 
+        def boot_spare(name: str) -> None:
+            """Make and boot the spare host NAME (SPARE_HOSTS), native; removed with the others at the end."""
+            index = list(ALL_HOSTS).index(name)
+            make_host(index, name, ALL_HOSTS[name], root, key)
+            booted[name] = boot_host(index, name, root)
+            wait_for_ssh(ALL_HOSTS[name], key)
+
         # The coordinator (this machine) resolves the server name only for the admin's own processes.
         (root / "coordinator_hosts").write_text(f"127.0.0.1 localhost\n{HOSTS['flare-server']} flare-server\n")
         env = dict(os.environ, HCLS_WORKSPACE=str(root / "coordinator"), MODELS_DIR=str(root / "models"),
@@ -386,6 +396,7 @@ def ssh_hosts(tmp_path_factory):
         trusted = run("trust_hosts.sh", env=env, timeout=120)
         assert known_hosts(key).exists(), trusted.stdout
         hosts = {"root": root, "key": key, "inventory": Path(env["INVENTORY"]), "env": env, "reboot": reboot,
+                 "boot_spare": boot_spare,
                  "container_site": container_site, "native_reason": native_reason, "trusted": trusted}  # fmt: skip
         yield hosts
     finally:

@@ -4,6 +4,7 @@ compose service of its own Docker engine, the others systemd units), a site swit
 operations on one site, and an unreachable host. The tiny CXR job that trains across the hosts' addresses runs in
 test_ssh_faults.py, where a deploy waits for it."""
 
+import json
 import re
 import subprocess
 import time
@@ -46,7 +47,13 @@ def test_host_state(deployed, name):
         assert not h.file(f"/etc/systemd/system/hcls-flare-{name}.service").exists and not unit.is_running
         assert h.service("docker.service").is_enabled and h.service("docker.service").is_running
         fmt = "{{.HostConfig.RestartPolicy.Name}} {{.HostConfig.NetworkMode}} {{.Config.User}} {{.State.Running}}"
-        assert h.check_output(f"docker inspect -f '{fmt}' flare-{name}") == "unless-stopped host 2710:2710 true"
+        assert h.check_output(f"docker inspect -f '{fmt}' flare-{name}") == "unless-stopped host 0:0 true"
+        # Root with four capabilities and no way to more; setpriv runs the participant as flare (the processes above)
+        # and its trainers as flare-job (README "Job code and the site's files").
+        config = json.loads(h.check_output(f"docker inspect -f '{{{{json .HostConfig}}}}' flare-{name}"))
+        assert {c.removeprefix("CAP_") for c in config["CapAdd"]} == {"SETUID", "SETGID", "KILL", "NET_ADMIN"}
+        assert [c.removeprefix("CAP_") for c in config["CapDrop"]] == ["ALL"]
+        assert "no-new-privileges:true" in config["SecurityOpt"]
         assert h.file(f"{ws}/compose.yml").exists
     else:
         assert unit.is_enabled and unit.is_running

@@ -294,7 +294,7 @@ INJECTIONS = ["$(touch {m})", "$$(touch {m})", "`touch {m}`", "x; touch {m}", "$
 TARGETS = {  # each variable, with a target that uses it
     "SITE": "deploy", "JOB": "fetch-model", "JOB_ID": "wait", "PROFILE": "submit", "WAIT": "submit",
     "DEST": "fetch-model", "KEEP": "demo", "HE": "provision", "FORCE": "deploy", "INSTALL": "approve",
-    "TIMEOUT": "wait", "SERVER_HOST": "provision", "INVENTORY": "status",
+    "TIMEOUT": "wait", "SERVER_HOST": "provision", "INVENTORY": "status", "ORG": "add-site", "HOST": "add-site",
 }  # fmt: skip
 ALLOWED = {
     "SITE": "a participant name: letters, digits, _ . -",
@@ -304,6 +304,8 @@ ALLOWED = {
     "DEST": "a path: letters, digits, space and _ . / + , = @ % : -",
     "TIMEOUT": "a whole number of seconds > 0: digits",
     "SERVER_HOST": "a host name",
+    "HOST": "a host name",
+    "ORG": "an NVFlare org name: letters, digits, _",
     "INVENTORY": "a path",
     **{b: "a yes/no value: 1, true or yes (on); 0, false, no or empty (off)"
        for b in ("WAIT", "KEEP", "HE", "FORCE", "INSTALL")},
@@ -313,7 +315,7 @@ ALLOWED = {
 @pytest.mark.parametrize("var", sorted(TARGETS))
 def test_a_command_in_any_make_variable_is_refused_before_anything_runs(tmp_path, var):
     target = TARGETS[var]
-    others = {"JOB": JOB, "JOB_ID": UUID, "SITE": "hospital_a"}  # the target's other variables, valid
+    others = {"JOB": JOB, "JOB_ID": UUID, "SITE": "hospital_a", "ORG": "hospital_a"}  # the target's others, valid
     for i, injection in enumerate(INJECTIONS):
         marker = tmp_path / f"marker{i}"
         value = injection.format(m=marker)
@@ -348,7 +350,8 @@ def test_good_values_pass_including_a_job_folder_with_a_space(tmp_path):
     (job / "meta.json").write_text("{}")
     ok = make(tmp_path, "check-vars", "SITE=hospital_a", f"JOB={job}", f"JOB_ID={UUID}", "PROFILE=demo", "WAIT=yes",
               f"DEST={tmp_path / 'a b'}", "KEEP=0", "HE=False", "FORCE=TRUE", "INSTALL=1", "TIMEOUT=30",
-              "SERVER_HOST=flare.hcls.example.org", "INVENTORY=ansible/inventories/local/hosts.sh")  # fmt: skip
+              "SERVER_HOST=flare.hcls.example.org", "INVENTORY=ansible/inventories/local/hosts.sh", "ORG=hospital_a",
+              "HOST=10.77.0.13")  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert make(tmp_path, "check-vars", "JOB=cxr_classification lung_nodule_detection").returncode == 0
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Renew certificates from the same root CA: scripts/renew.sh SITE|all   (make renew SITE=<participant>|all)
+# A new kit set (make provision's: the root CA of workspace/provision/<project>/state, the server name and HE contexts
+# of the deployed kits) in which SITE's kit is new and every other's is the previous set's, byte for byte (all:
+# every kit new, the admins' too). Then each renewed participant is deployed, one at a time, the sites first and the
+# server last, and restarted only between jobs: one that runs a job is tried again every 30 s until it is idle
+# (TIMEOUT=<s> bounds that wait; default 6 hours). The participants keep trusting each other throughout: the
+# root CA is the same, so old and new certificates are both valid until the old ones expire.
+source "$(dirname "$0")/common.sh"
+site=${1:-}
+[[ -n $site ]] || die "usage: make renew SITE=<participant>|all"
+check_var SITE "$site" participant
+check_timeout
+previous=$(latest_kit_root)
+state=$(dirname "$previous")/state/cert.json
+[[ -f $state ]] || die "renewing needs the root CA key, $state: restore it from its backup (README: Certificates)"
+if [[ $site == all ]]; then
+  renewed=$( (participants | grep -vx -- "$(server_name)"; server_name) )
+else
+  participants | grep -qx -- "$site" || die "unknown SITE '$site' (participants: $(participants | tr '\n' ' '), or all)"
+  renewed=$site
+fi
+
+# NVFlare's provisioning keeps each participant's certificate and key in the state file and reuses them: the renewed
+# ones are dropped from it first (the root CA's stay), from a backup that is put back if provisioning fails.
+backup=$state.$(date +%Y%m%d-%H%M%S).bak
+(umask 077 && cp -p "$state" "$backup")
+if [[ $site == all ]]; then
+  jq 'with_entries(select(.value | type != "object"))' "$backup" >"$state"
+else
+  jq --arg s "$site" 'del(.[$s])' "$backup" >"$state"
+fi
+if ! provision_like "$previous" "${site#all}"; then
+  cp -p "$backup" "$state"
+  die "provisioning failed: nothing was renewed ($state as it was)"
+fi
+echo "the previous certificates and keys: $backup (owner only; delete it once the renewed kits run)"
+kits=$(latest_kit_root)
+[[ $site == all ]] || keep_kits "$previous" "$kits" "$site"
+for name in $renewed; do
+  echo "$name: $(openssl x509 -in "$kits/$name/startup/$( [[ $name == "$(server_name)" ]] && echo server || echo client).crt" \
+    -noout -enddate | sed 's/notAfter=/certificate valid until /')"
+done
+
+deadline=$((SECONDS + ${TIMEOUT:-21600}))
+for name in $renewed; do
+  while true; do
+    if "$REPO/scripts/deploy.sh" "$name" >"$WORK/renew.$name.log" 2>&1; then
+      echo "$name: renewed and deployed"
+      break
+    fi
+    busy=$(grep -o "$name runs job [^:]*" "$WORK/renew.$name.log" | head -n1 || true)
+    if [[ -z $busy ]]; then
+      tail -n 30 "$WORK/renew.$name.log" >&2
+      die "deploying $name's new kit failed (above; $WORK/renew.$name.log); make renew SITE=$name tries again"
+    fi
+    (( SECONDS < deadline )) || die "$busy for longer than TIMEOUT: its new kit is not deployed yet; make deploy SITE=$name when it is idle"
+    echo "$busy: deploying its new kit when the job has ended (trying every 30 s)"
+    sleep 30
+  done
+done
