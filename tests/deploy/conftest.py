@@ -11,8 +11,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -176,14 +179,87 @@ def container_site_reason(work: Path) -> str:
     try:
         env = dict(os.environ, DOCKER_HOST=re.search(r"DOCKER_HOST=(\S+)", started.stdout).group(1),
                    TORCH_REQUIREMENT=TEST_TORCH, HCLS_WORKSPACE=str(work))  # fmt: skip
-        # Up to date after test_containers.py (seconds); else built cold (~5 min).
-        built = subprocess.run([REPO / "scripts" / "build_image.sh", "airgapped"], env=env, capture_output=True,
-                               text=True, timeout=1800)  # fmt: skip
+        if IMAGE_BUILD.get("cancelled"):
+            return f"{IMAGE_FAILED}: the session ended first"
+        # Up to date after test_containers.py (seconds); else built cold (4-6 min). In a process group of its own,
+        # which pytest_sessionfinish stops if the session ends first.
+        with subprocess.Popen([REPO / "scripts" / "build_image.sh", "airgapped"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) as built:  # fmt: skip
+            IMAGE_BUILD["process"] = built
+            try:
+                _, stderr = built.communicate(timeout=1800)
+            finally:
+                if built.poll() is None:
+                    os.killpg(built.pid, signal.SIGKILL)
         if built.returncode != 0:
-            return f"the participant image could not be built: {built.stderr.strip()[-2000:]}"
+            cause = "the session ended first" if IMAGE_BUILD.get("cancelled") else stderr.strip()[-2000:]
+            return f"{IMAGE_FAILED}: {cause}"
     finally:
         subprocess.run([ENGINE, "stop"], capture_output=True, timeout=120)
     return ""
+
+
+# The image takes 4-6 min to build cold. Once collection shows that the session uses it (a test of ssh_hosts or of
+# test_containers.py's stack), container_site_reason runs in a thread while the tests ordered before tests/deploy run
+# (tests/conftest.py); ssh_hosts and stack wait for its answer.
+IMAGE_FIXTURES = {"ssh_hosts", "stack"}
+IMAGE_FAILED = "the participant image could not be built"
+IMAGE_BUILD: dict = {}  # "thread"; when it ended "reason" (or "error") and "seconds"; "process": build_image.sh
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly or os.geteuid() != 0:  # ssh_hosts skips, stack's engine cannot start
+        return
+    if any(IMAGE_FIXTURES & set(getattr(item, "fixturenames", ())) for item in session.items):
+        start_image_build()
+
+
+def start_image_build():
+    if "thread" in IMAGE_BUILD:
+        return
+    work = Path(tempfile.mkdtemp(prefix="hcls-image-"))
+
+    def build():
+        started = time.monotonic()
+        try:
+            remove_hosts()  # a crashed run's hosts, whose Docker engine may hold the data root
+            IMAGE_BUILD["reason"] = container_site_reason(work)
+            if not IMAGE_BUILD["reason"].startswith(IMAGE_FAILED):  # else its logs stay, named in the reason
+                shutil.rmtree(work, ignore_errors=True)
+        except BaseException as error:  # re-raised where a fixture waits for it
+            IMAGE_BUILD["error"] = error
+        IMAGE_BUILD["seconds"] = time.monotonic() - started
+
+    IMAGE_BUILD["thread"] = threading.Thread(target=build, name="air-gapped image", daemon=True)
+    IMAGE_BUILD["thread"].start()
+
+
+def image_build() -> str:
+    """container_site_reason's answer from the background build (started now if it was not), once it has ended."""
+    start_image_build()
+    IMAGE_BUILD["thread"].join()
+    if "error" in IMAGE_BUILD:
+        raise RuntimeError("the background build of the air-gapped image failed") from IMAGE_BUILD["error"]
+    return IMAGE_BUILD["reason"]
+
+
+def pytest_sessionfinish(session):
+    """A session that ends before the background build (-x, Ctrl-C) stops it; its Docker engine is stopped."""
+    thread = IMAGE_BUILD.get("thread")
+    while thread and thread.is_alive():
+        IMAGE_BUILD["cancelled"] = True
+        process = IMAGE_BUILD.get("process")
+        if process and process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+        thread.join(timeout=1)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if "seconds" not in IMAGE_BUILD:
+        return
+    outcome = repr(IMAGE_BUILD["error"]) if "error" in IMAGE_BUILD else IMAGE_BUILD["reason"] or "ready"
+    seconds = IMAGE_BUILD["seconds"]
+    terminalreporter.write_line(f"air-gapped participant image (background build, {seconds:.0f} s): {outcome}")
 
 
 def make_host(index: int, name: str, address: str, root: Path, client_key: Path, docker: bool = False):
@@ -348,8 +424,8 @@ def ssh_hosts(tmp_path_factory):
     shell (wait_for_ssh, on_host) skips the check."""
     if os.geteuid() != 0 or shutil.which("sshd", path="/usr/sbin:/usr/bin") is None:
         pytest.skip("needs root and openssh-server (scripts/setup.sh installs it) to make SSH test hosts")
+    native_reason = image_build()
     remove_hosts()
-    native_reason = container_site_reason(tmp_path_factory.mktemp("image"))
     container_site = None if native_reason else CONTAINER_SITE
     HOST_VARS.clear()
     if container_site:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import testinfra
 import yaml
-from .conftest import TEST_TORCH, recap
+from .conftest import IMAGE_FAILED, TEST_TORCH, image_build, recap
 
 REPO = Path(__file__).resolve().parents[2]
 CONSOLE = REPO / "docker" / "docker-compose.console.yml"
@@ -140,6 +140,9 @@ def test_local_connections_need_no_host_keys(inventory, tmp_path):
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """The air-gapped image, and the stack up (make compose-prepare) with kits and tiny CXR data; torn down at the end."""
+    built = image_build()  # conftest.py's, in the background: below, the image is up to date
+    if built.startswith(IMAGE_FAILED):
+        raise AssertionError(built)
     already_running = sh(REPO / "scripts" / "docker_engine.sh", "status", check=False).returncode == 0
     started = sh(REPO / "scripts" / "docker_engine.sh", "start", check=False, timeout=120)
     if started.returncode != 0:
