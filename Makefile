@@ -128,6 +128,14 @@ stop: check-vars $(VENV) ## Stop one participant (SITE=); the others keep runnin
 status: check-vars $(VENV) ## Show which participants run, and the server's jobs
 	scripts/status.sh
 
+.PHONY: certs
+certs: check-vars $(VENV) ## List every certificate of the newest kits, root CA included, with days to expiry (fails on an expired one)
+	scripts/certs.sh
+
+.PHONY: doctor
+doctor: check-vars $(VENV) ## Health report of every participant, read on its host through Ansible; workspace/doctor.json (SITE=, JOB= data checks, PROFILE=)
+	scripts/doctor.sh "$$SITE" "$$JOB" "$$PROFILE"
+
 .PHONY: down
 down: check-vars $(VENV) ## Stop every participant (SITE= for one); deployments and models stay
 	scripts/control.sh stop "$$SITE"

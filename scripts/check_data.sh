@@ -19,23 +19,11 @@ for name in "${jobs[@]}"; do
   valid job_name "$name" || die "unknown JOB '$(shown "$name")' (jobs: $(all_jobs | tr '\n' ' ')): check-data runs jobs of job_configs/"
 done
 
-# Build each job as scripts/build_job.sh does, into a private folder (workspace/jobs/ is left as it is); what goes
-# to the host is one archive of each built app's config/ and custom/, as JOB/config and JOB/custom.
 out=$WORK/check-data
 stage=$(mktemp -d -t hcls-check-data.XXXXXX)
 trap 'rm -rf "$stage"' EXIT
-checks='[]'
-for name in "${jobs[@]}"; do
-  python -m ops.job_builder "$name" ${profile:+--profile "$profile"} --out "$stage/build/$name" >/dev/null
-  app=$stage/build/$name/app
-  script=$(jq -er '.app_script' "$app/config/config_fed_client.json") || die "the built $name has no client app_script"
-  mkdir -p "$stage/jobs/$name"
-  cp -R "$app/config" "$app/custom" "$stage/jobs/$name/"
-  checks=$(jq -c --arg name "$name" --arg script "$script" '. + [{name: $name, script: $script}]' <<<"$checks")
-  rm -f "$out/$site/$name.json"
-done
-find "$stage/jobs" -name __pycache__ -prune -exec rm -rf {} +
-tar -czf "$stage/jobs.tgz" -C "$stage/jobs" .
+checks=$(pack_data_checks "$stage" "$profile" "${jobs[@]}")
+for name in "${jobs[@]}"; do rm -f "$out/$site/$name.json"; done
 
 export HCLS_PROJECT_YML=$PROJECT_YML   # for inventories that list the participants of project.yml (local/, compose/)
 # Ansible's own report goes to stderr; stdout carries the summaries.

@@ -212,3 +212,24 @@ job_name() {
     || die "job $src is named '$(shown "$name")' (meta.json name): not a job name: letters, digits, _ - (starting with a letter or digit)"
   echo "$name"
 }
+
+# pack_data_checks STAGE PROFILE JOB...: build each job as scripts/build_job.sh does (PROFILE may be empty), into
+# STAGE/build (workspace/jobs/ is left as it is), and pack each built app's config/ and custom/ as JOB/config and
+# JOB/custom into STAGE/jobs.tgz, what ansible's check_data tasks send to a site's host (make check-data, make doctor).
+# Prints flare_check_jobs: [{name, script: the client app_script}, ...].
+pack_data_checks() (
+  set -e   # a command substitution does not inherit errexit
+  local stage=$1 profile=$2 name app script checks='[]'
+  shift 2
+  for name in "$@"; do
+    python -m ops.job_builder "$name" ${profile:+--profile "$profile"} --out "$stage/build/$name" >/dev/null
+    app=$stage/build/$name/app
+    script=$(jq -er '.app_script' "$app/config/config_fed_client.json") || die "the built $name has no client app_script"
+    mkdir -p "$stage/jobs/$name"
+    cp -R "$app/config" "$app/custom" "$stage/jobs/$name/"
+    checks=$(jq -c --arg name "$name" --arg script "$script" '. + [{name: $name, script: $script}]' <<<"$checks")
+  done
+  find "$stage/jobs" -name __pycache__ -prune -exec rm -rf {} +
+  tar -czf "$stage/jobs.tgz" -C "$stage/jobs" .
+  echo "$checks"
+)

@@ -15,6 +15,12 @@ HE_BUILDER='{"path": "nvflare.lighter.impl.he.HEBuilder",
 [[ -f $PROJECT_YML ]] || die "$PROJECT_YML not found"
 project_yml . >/dev/null
 before=$(kit_roots | wc -l)
+# Kits already provisioned without the root CA key beside them (kept off this machine, README "Health"): nvflare would
+# silently make a new root CA that no deployed kit trusts.
+state=$PROVISION_DIR/$(project_name)/state/cert.json
+if (( before > 0 )) && [[ ! -f $state ]]; then
+  die "the root CA key $state is missing, but kits from it exist under $PROVISION_DIR/$(project_name): put the backed-up state/ back first (provisioning now would create a new root CA that the deployed kits do not trust; to start a new CA on purpose, move the old prod_* folders away)"
+fi
 
 mkdir -p "$PROVISION_DIR"
 project=$PROJECT_YML

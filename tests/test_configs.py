@@ -349,7 +349,7 @@ def test_every_site_of_project_yml_has_a_site_config():
 
 
 def test_ansible_playbooks_pass_syntax_check():
-    for playbook in ("deploy.yml", "control.yml"):
+    for playbook in ("deploy.yml", "control.yml", "doctor.yml"):
         result = subprocess.run(
             [str(REPO / ".venv" / "bin" / "ansible-playbook"), "--syntax-check", playbook, "-e", "flare_kit_root=/x"],
             cwd=REPO / "ansible", capture_output=True, text=True,
