@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Run a flarectl.sh action on participants over the inventory:
-#   scripts/control.sh start|stop|status|logs|retire [SITE] [LINES]   (no SITE: all; LINES for logs; retire: remove-site)
+#   scripts/control.sh start|stop|restart|status|logs|retire [SITE] [LINES]   (no SITE: all; LINES for logs; retire: remove-site)
 source "$(dirname "$0")/common.sh"
 action=${1:-} site=${2:-} lines=${3:-50}
-case $action in start | stop | status | logs | retire) ;; *) die "usage: $0 start|stop|status|logs|retire [SITE] [LINES]" ;; esac
+case $action in start | stop | restart | status | logs | retire) ;; *) die "usage: $0 start|stop|restart|status|logs|retire [SITE] [LINES]" ;; esac
 check_var LINES "$lines" number
 if [[ -n $site ]]; then
   check_var SITE "$site" participant

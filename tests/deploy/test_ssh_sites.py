@@ -1,8 +1,8 @@
 """A site joins and leaves the running federation of the SSH test hosts (conftest.py): `make add-site` adds a fourth
 host as hospital_c (the others' deployed kits byte for byte the same, none restarted), a tiny job trains across the
 three sites, `make remove-site` removes it (stopped for good; the server refuses its registration from then on), and
-`make renew SITE=all` gives every participant a new certificate from the same root CA, one at a time, after which a
-job trains again.
+`make renew SITE=all` gives every participant a new certificate from the same root CA, one at a time (the server
+first), after which a job trains again.
 
 The test edits the repository's provision/project.yml and site_configs/ as a coordinator would, and puts both back
 at the end, also on failure."""
@@ -101,12 +101,13 @@ def test_a_site_is_added_to_and_removed_from_the_running_federation(deployed, co
     on_host(deployed, NEW, f"systemctl stop {unit}")
     assert {k: v for k, v in main_pids(env).items() if k in pids} == pids
 
-    # Every certificate renewed (the sites first, the server last), the root CA the same; a job trains again.
+    # Every certificate renewed, the root CA the same; a job trains again.
     run("approve.sh", "cxr_classification", profile, env=env)  # two sites again: another job digest
     renewed = run("renew.sh", "all", env=env)
     print(renewed.stdout[-2000:])
+    # The server first: the sites' session tokens carry its old key's signature, their restart registers them again.
     assert [line.split(":")[0] for line in renewed.stdout.splitlines() if line.endswith("renewed and deployed")] == [
-        "hospital_a", "hospital_b", "flare-server"]
+        "flare-server", "hospital_a", "hospital_b"]
     now = kit_digests(deployed)
     for name, cert in (("flare-server", "server.crt"), ("hospital_a", "client.crt"), ("hospital_b", "client.crt")):
         assert now[name]["rootCA.pem"] == kits[name]["rootCA.pem"] and now[name][cert] != kits[name][cert], name
