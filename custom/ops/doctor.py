@@ -2,7 +2,7 @@
 
     python -m ops.doctor FACTS_DIR --project provision/project.yml [--jobs-dir DIR] [--site SITE] [--json FILE]
 
-FACTS_DIR/hosts/<participant>.json: each host's facts (ansible/roles/flare_participant/files/doctor_probe.py, with
+FACTS_DIR/hosts/<participant>.json: each host's facts (custom/ops/doctor_probe.py, with
 this controller's clock before and after the probe; {"unreachable": true} for a host Ansible could not reach).
 FACTS_DIR/check-data/<site>/<job>.json: each job's data check summary (the one `make check-data` runs).
 --jobs-dir: the built jobs (<job>/meta.json) whose resource_spec and privacy scope each site must satisfy.

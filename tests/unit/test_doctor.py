@@ -1,6 +1,6 @@
 """make certs and make doctor's report logic (custom/ops/certs.py, custom/ops/doctor.py) on real certificates made
 here with `cryptography` (a root CA and participants it signs) and on facts as ansible/doctor.yml writes them,
-including the host probe (ansible/roles/flare_participant/files/doctor_probe.py) run for real on a workspace here."""
+including the host probe (custom/ops/doctor_probe.py) run for real on a workspace here."""
 
 import datetime
 import importlib.metadata
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "custom"))
 from ops import certs, doctor  # noqa: E402
 
-PROBE = REPO / "ansible" / "roles" / "flare_participant" / "files" / "doctor_probe.py"
+PROBE = REPO / "custom" / "ops" / "doctor_probe.py"
 NOW = datetime.datetime.now(datetime.timezone.utc)  # main() reads the clock too
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # one key for all: signing is what matters
 
