@@ -17,12 +17,14 @@ TIMEOUT ?=
 SERVER_HOST ?=
 ORG ?=
 HOST ?=
+ONLY ?=
+QUICK ?=
 INVENTORY ?= ansible/inventories/local/hosts.sh
 # The variables' values are data. Each keeps the text it was given ($(value): a '$(...)' in it is not expanded by
 # make), reaches the recipes only through the environment (recipes pass "$$SITE", which the shell expands as one
 # word, never $(SITE), which make would paste into the command line), and is checked by check-vars
 # (scripts/common.sh check_make_vars: a strict pattern per variable) before any target does anything.
-USER_VARS := SITE JOB JOB_ID PROFILE WAIT DEST KEEP HE FORCE INSTALL TIMEOUT SERVER_HOST ORG HOST INVENTORY
+USER_VARS := SITE JOB JOB_ID PROFILE WAIT DEST KEEP HE FORCE INSTALL TIMEOUT SERVER_HOST ORG HOST ONLY QUICK INVENTORY
 $(foreach v,$(USER_VARS),$(eval override $(v) := $$(value $(v))))
 export $(USER_VARS)
 
@@ -31,7 +33,7 @@ VENV := .venv/.installed
 .PHONY: help
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: SITE=<participant> JOB=<job or job folder> JOB_ID= PROFILE=demo WAIT=1 TIMEOUT=<s> DEST=<dir> KEEP=1 HE=1 FORCE=1 INSTALL=1 SERVER_HOST=<server name> ORG=<org> HOST=<address> INVENTORY=<file>"
+	@echo "  variables: SITE=<participant> JOB=<job or job folder> JOB_ID= PROFILE=demo WAIT=1 TIMEOUT=<s> DEST=<dir> KEEP=1 HE=1 FORCE=1 INSTALL=1 SERVER_HOST=<server name> ORG=<org> HOST=<address> ONLY=<rows> QUICK=1 INVENTORY=<file>"
 
 # check-vars comes first: a target whose variables are wrong stops before setup or anything else runs.
 .PHONY: check-vars
@@ -71,6 +73,10 @@ remove-site: check-vars $(VENV) ## Remove a site: refused by the server from now
 .PHONY: renew
 renew: check-vars $(VENV) ## New certificates from the same root CA, deployed one participant at a time between jobs (SITE=<participant>|all, TIMEOUT=)
 	$(if $(SITE),,$(error SITE is not set: make renew SITE=<participant>|all))scripts/renew.sh "$$SITE"
+
+.PHONY: upgrade
+upgrade: check-vars $(VENV) ## Roll requirements.txt's pins out: a new venv on each native host from wheels sent there, one participant at a time between jobs (SITE=, TIMEOUT=)
+	scripts/upgrade.sh "$$SITE"
 
 .PHONY: check-data
 check-data: check-vars $(VENV) ## Run each job's data check on a site's host, no training, no server (SITE=, JOB= default all, PROFILE=)
@@ -143,6 +149,10 @@ down: check-vars $(VENV) ## Stop every participant (SITE= for one); deployments 
 .PHONY: demo
 demo: check-vars $(VENV) ## One-command local federation: provision, data, deploy, train all jobs (JOB= for one), fetch (KEEP=1 keeps it running)
 	scripts/demo.sh "$$KEEP" "$$JOB"
+
+.PHONY: bench
+bench: check-vars $(VENV) ## Measure side by side and print the table, also in bench/results/ (ONLY=<row,...>, QUICK=1)
+	scripts/bench.sh "$$ONLY" "$$QUICK"
 
 .PHONY: test
 test: check-vars $(VENV) ## Run the test suite (unit, config, end-to-end federation)

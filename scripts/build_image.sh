@@ -6,14 +6,13 @@
 #               $DEBIAN_MIRROR and imported; pip installs only from a local wheelhouse that
 #               `pip download` filled from requirements.txt (both are the only network use, and both
 #               can point at a hospital's own mirror).
-# Environment: FLARE_IMAGE (tag; default hcls-flare:<nvflare version>), BASE_IMAGE,
-#   TORCH_REQUIREMENT (e.g. torch==2.13.0+cpu: replaces requirements.txt's torch and drops torchvision,
-#   which needs that exact torch; the container tests use it), DEBIAN_MIRROR.
+# Environment: FLARE_IMAGE (tag; default hcls-flare:<nvflare version>), BASE_IMAGE, DEBIAN_MIRROR,
+#   HCLS_REQUIREMENTS and TORCH_REQUIREMENT (common.sh pinned_requirements: the container tests install a CPU torch).
 # An image whose build key (Dockerfile, requirements, base image) is unchanged is not built again.
 source "$(dirname "$0")/common.sh"
 kind=${1:-}
-nvflare_version=$(sed -nE 's/^nvflare(\[[^]]*\])?==([^ #]+).*/\2/p' "$REPO/requirements.txt")
-[[ -n $nvflare_version ]] || die "$REPO/requirements.txt: no nvflare==<version> line"
+nvflare_version=$(pinned_requirements | sed -nE 's/^nvflare(\[[^]]*\])?==([^ #]+).*/\2/p')
+[[ -n $nvflare_version ]] || die "${HCLS_REQUIREMENTS:-$REPO/requirements.txt}: no nvflare==<version> line"
 image=${FLARE_IMAGE:-hcls-flare:$nvflare_version}
 if [[ $kind == tag ]]; then echo "$image"; exit; fi   # scripts/build_image.sh tag: the image's name
 [[ $kind == production || $kind == airgapped ]] || die "usage: $0 production|airgapped|tag"
@@ -40,17 +39,10 @@ debian_base() {
   rm -rf "$rootfs"
 }
 
-# requirements.txt, or with its torch replaced by TORCH_REQUIREMENT.
-image_requirements() {
-  if [[ -z ${TORCH_REQUIREMENT:-} ]]; then cat "$REPO/requirements.txt"; return; fi
-  grep -vE '^(torch|torchvision)==' "$REPO/requirements.txt"
-  echo "$TORCH_REQUIREMENT"
-}
-
 mkdir -p "$build"
 rm -rf "$context"
 mkdir -p "$context/wheelhouse"
-image_requirements >"$context/requirements.txt"
+pinned_requirements >"$context/requirements.txt"
 build_args=()
 if [[ $kind == airgapped ]]; then
   debian_base
@@ -70,13 +62,8 @@ if [[ $kind == airgapped ]]; then
   python=$(docker run --rm --network none "$DEBIAN_BASE" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
   [[ $python == "$(python -c 'import sys; print("%d.%d" % sys.version_info[:2])')" ]] \
     || die "the base image has Python $python but $VENV has $(python --version): the wheelhouse would not fit"
-  echo "filling the wheelhouse $build/wheelhouse from $context/requirements.txt"
-  pip download --only-binary=:all: -d "$build/wheelhouse" -r "$context/requirements.txt" >"$build/pip.log" 2>&1 \
-    || die "pip download of $context/requirements.txt failed; the end of $build/pip.log:
-$(tail -n 5 "$build/pip.log")"
-  # Exactly the wheels these requirements resolve to, copied into the build context.
-  pip download --no-index --find-links "$build/wheelhouse" --only-binary=:all: -d "$context/wheelhouse" \
-    -r "$context/requirements.txt" >>"$build/pip.log" 2>&1 || die "the wheelhouse lacks wheels, see $build/pip.log"
+  echo "filling the wheelhouse $WHEELHOUSE from $context/requirements.txt"
+  fill_wheels "$context/requirements.txt" "$context/wheelhouse" "$build/pip.log"
 fi
 
 echo "building $image ($kind, build key $key)"

@@ -37,6 +37,7 @@ valid() {
     seconds) re='^[1-9][0-9]{0,8}$' ;;
     number) re='^[0-9]{1,9}$' ;;
     org) re='^[A-Za-z0-9_]+$' ;;
+    rows) re='^[a-z_]+(,[a-z_]+)*$' ;;
     host) (( ${#value} <= 253 )) || return 1
       re='^[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*$' ;;
     path) re='^[A-Za-z0-9_./+,=@%:][A-Za-z0-9_./ +,=@%:-]*$' ;;
@@ -55,6 +56,7 @@ describe() {
     seconds) echo "a whole number of seconds > 0: digits" ;;
     number) echo "a number: digits" ;;
     org) echo "an NVFlare org name: letters, digits, _" ;;
+    rows) echo "benchmark rows: lower-case names separated by commas" ;;
     host) echo "a host name: letters, digits, _ - in labels separated by dots" ;;
     path) echo "a path: $PATH_CHARS" ;;
     profile) echo "a profile name (letters, digits, _ -) or a .json file (a path: $PATH_CHARS)" ;;
@@ -97,12 +99,13 @@ check_make_vars() {
   [[ -z ${JOB:-} ]] || job_list "$JOB" >/dev/null
   check_var JOB_ID "${JOB_ID:-}" job_id
   check_var PROFILE "${PROFILE:-}" profile
-  for var in WAIT KEEP HE FORCE INSTALL; do flag "$var" >/dev/null; done
+  for var in WAIT KEEP HE FORCE INSTALL QUICK; do flag "$var" >/dev/null; done
   check_var DEST "${DEST:-}" path
   check_timeout
   check_var SERVER_HOST "${SERVER_HOST:-}" host
   check_var ORG "${ORG:-}" org
   check_var HOST "${HOST:-}" host
+  check_var ONLY "${ONLY:-}" rows
   check_var INVENTORY "${INVENTORY#"$REPO"/}" path   # made absolute above: the repository's own path is not checked
 }
 
@@ -166,6 +169,48 @@ keep_kits() {
     [[ $(basename "$entry") == "$name" ]] && continue
     rm -rf "${new:?}/$(basename "$entry")"
     cp -a "$entry" "$new/"
+  done
+}
+
+# ---- The pinned Python environment (requirements.txt): images (build_image.sh) and hosts' venvs (upgrade.sh) ------
+# The pins rolled out: $HCLS_REQUIREMENTS (default requirements.txt), with its torch replaced by TORCH_REQUIREMENT
+# when set (e.g. torch==2.13.0+cpu, a CPU build; torchvision, which needs the pinned torch, is then left out).
+pinned_requirements() {
+  local file=${HCLS_REQUIREMENTS:-$REPO/requirements.txt}
+  [[ -f $file ]] || die "HCLS_REQUIREMENTS=$file: no such file"
+  if [[ -z ${TORCH_REQUIREMENT:-} ]]; then cat "$file"; return; fi
+  grep -vE '^(torch|torchvision)==' "$file"
+  echo "$TORCH_REQUIREMENT"
+}
+# Wheels downloaded once for every image and environment (pip's own index and cache, or a hospital's mirror).
+WHEELHOUSE=$WORK/wheelhouse
+# fill_wheels REQUIREMENTS DEST LOG: the wheels REQUIREMENTS resolve to for this Python, downloaded into WHEELHOUSE
+# where missing, and exactly those copied into DEST.
+fill_wheels() {
+  local requirements=$1 dest=$2 log=$3
+  mkdir -p "$WHEELHOUSE" "$dest"
+  pip download --only-binary=:all: -d "$WHEELHOUSE" -r "$requirements" >"$log" 2>&1 \
+    || die "pip download of $requirements failed; the end of $log:
+$(tail -n 5 "$log")"
+  pip download --no-index --find-links "$WHEELHOUSE" --only-binary=:all: -d "$dest" -r "$requirements" >>"$log" 2>&1 \
+    || die "the wheelhouse $WHEELHOUSE lacks wheels of $requirements, see $log"
+}
+
+# deploy_when_idle NAME WHAT: scripts/deploy.sh NAME, tried again every 30 s while the participant runs a job (the
+# deploy refuses to restart it then) until it is idle or the deadline ($deadline, in SECONDS) passes. WHAT says what
+# is deployed ("its new kit"). The log is $WORK/deploy.NAME.log.
+deploy_when_idle() {
+  local name=$1 what=$2 log=$WORK/deploy.$1.log busy
+  while true; do
+    "$REPO/scripts/deploy.sh" "$name" >"$log" 2>&1 && return 0
+    busy=$(grep -o "$name runs job [^:]*" "$log" | head -n1 || true)
+    if [[ -z $busy ]]; then
+      tail -n 30 "$log" >&2
+      die "deploying $what to $name failed (above; $log)"
+    fi
+    (( SECONDS < deadline )) || die "$busy for longer than TIMEOUT: $what is not deployed yet; make deploy SITE=$name when it is idle"
+    echo "$busy: deploying $what when the job has ended (trying every 30 s)"
+    sleep 30
   done
 }
 

@@ -18,6 +18,11 @@ force=$(flag FORCE)   # 1, true, yes (any case): restart participants that run a
 export HCLS_PROJECT_YML=$PROJECT_YML   # for inventories that list the participants of project.yml (local/, compose/)
 # SSH hosts must have pinned host keys (make trust-hosts): ansible.cfg checks them strictly against that file.
 "$REPO/scripts/trust_hosts.sh" --check "$site"
-extra=$(jq -cn --arg root "$kits" --argjson force "$force" '{flare_kit_root: $root, flare_participant_force: $force}')
+# From scripts/upgrade.sh: HCLS_ENVIRONMENT, the pinned environment (requirements, wheels) the hosts build and run;
+# HCLS_ENVIRONMENT_BUILD_ONLY=1: only build it (each host stops there; nothing else changes, nothing restarts).
+extra=$(jq -cn --arg root "$kits" --argjson force "$force" --arg environment "${HCLS_ENVIRONMENT:-}" \
+  --argjson build_only "$( [[ ${HCLS_ENVIRONMENT_BUILD_ONLY:-} == 1 ]] && echo true || echo false)" \
+  '{flare_kit_root: $root, flare_participant_force: $force, flare_participant_environment: $environment,
+    flare_participant_environment_build_only: $build_only}')
 cd "$REPO/ansible"
 ansible-playbook -i "$INVENTORY" deploy.yml -e "$extra" ${site:+--limit "$site"}

@@ -47,20 +47,8 @@ done
 
 deadline=$((SECONDS + ${TIMEOUT:-21600}))
 for name in $renewed; do
-  while true; do
-    if "$REPO/scripts/deploy.sh" "$name" >"$WORK/renew.$name.log" 2>&1; then
-      echo "$name: renewed and deployed"
-      break
-    fi
-    busy=$(grep -o "$name runs job [^:]*" "$WORK/renew.$name.log" | head -n1 || true)
-    if [[ -z $busy ]]; then
-      tail -n 30 "$WORK/renew.$name.log" >&2
-      die "deploying $name's new kit failed (above; $WORK/renew.$name.log); make renew SITE=$name tries again"
-    fi
-    (( SECONDS < deadline )) || die "$busy for longer than TIMEOUT: its new kit is not deployed yet; make deploy SITE=$name when it is idle"
-    echo "$busy: deploying its new kit when the job has ended (trying every 30 s)"
-    sleep 30
-  done
+  deploy_when_idle "$name" "its new kit"
+  echo "$name: renewed and deployed"
   if [[ $name == "$(server_name)" ]]; then   # the sites' tokens were signed with the server's old key
     for other in $(participants | grep -vx -- "$(server_name)"); do
       grep -qx -- "$other" <<<"$renewed" && continue   # its own deploy restarts it

@@ -295,6 +295,7 @@ TARGETS = {  # each variable, with a target that uses it
     "SITE": "deploy", "JOB": "fetch-model", "JOB_ID": "wait", "PROFILE": "submit", "WAIT": "submit",
     "DEST": "fetch-model", "KEEP": "demo", "HE": "provision", "FORCE": "deploy", "INSTALL": "approve",
     "TIMEOUT": "wait", "SERVER_HOST": "provision", "INVENTORY": "status", "ORG": "add-site", "HOST": "add-site",
+    "ONLY": "bench", "QUICK": "bench",
 }  # fmt: skip
 ALLOWED = {
     "SITE": "a participant name: letters, digits, _ . -",
@@ -307,8 +308,9 @@ ALLOWED = {
     "HOST": "a host name",
     "ORG": "an NVFlare org name: letters, digits, _",
     "INVENTORY": "a path",
+    "ONLY": "benchmark rows: lower-case names separated by commas",
     **{b: "a yes/no value: 1, true or yes (on); 0, false, no or empty (off)"
-       for b in ("WAIT", "KEEP", "HE", "FORCE", "INSTALL")},
+       for b in ("WAIT", "KEEP", "HE", "FORCE", "INSTALL", "QUICK")},
 }
 
 
@@ -364,12 +366,26 @@ def test_every_target_checks_its_variables_before_setup():
     assert re.search(r"^\$\(VENV\): requirements.txt \| check-vars$", (REPO / "Makefile").read_text(), flags=re.M)
 
 
+def test_upgrade_refuses_an_unknown_site_missing_pins_and_pins_without_nvflare_before_anything_changes(tmp_path):
+    pins = tmp_path / "requirements.txt"
+    pins.write_text("monai==1.6.1\n")
+    for args, env, error in (
+        (["SITE=nowhere"], {}, "unknown SITE 'nowhere'"),
+        ([], {"HCLS_REQUIREMENTS": str(tmp_path / "none.txt")}, f"HCLS_REQUIREMENTS={tmp_path / 'none.txt'}: no such file"),
+        ([], {"HCLS_REQUIREMENTS": str(pins)}, f"{pins}: no nvflare==<version> line"),
+        ([], {}, "no startup kits under"),
+    ):
+        run = make(tmp_path, "upgrade", *args, **env)
+        assert run.returncode != 0 and f"error: {error}" in run.stderr, (args, run.stderr)
+        assert not (tmp_path / "workspace").exists()
+
+
 def flag(name: str, value: str):
     return subprocess.run(["bash", "-c", f'source scripts/common.sh && flag {name}'], cwd=REPO, capture_output=True,
                           text=True, env=dict(os.environ, **{name: value}))  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["HE", "WAIT", "KEEP", "FORCE", "INSTALL"])
+@pytest.mark.parametrize("name", ["HE", "WAIT", "KEEP", "FORCE", "INSTALL", "QUICK"])
 def test_yes_no_variables_mean_what_they_say(name):
     for value in ("1", "true", "yes", "TRUE", "Yes"):
         assert flag(name, value).stdout == "true\n", value
