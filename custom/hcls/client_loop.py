@@ -9,7 +9,9 @@ round. So nothing the site needs later lives only in the trainer's memory: its b
 import argparse
 import math
 import os
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -26,7 +28,15 @@ def main(job_name: str, build) -> None:
     job = JobConfig.from_client_config(parser.parse_args().config)
     site = SiteConfig.from_env()
     set_determinism(seed=job.trainer().get("seed", 0))
-    run(job_name, job, site, build(job, site, default_device()))
+    try:
+        run(job_name, job, site, build(job, site, default_device()))
+    except Exception:
+        # Once flare.init() ran, the Client API's threads keep a failed trainer's process alive, and its site would
+        # wait client.trainer_heartbeat_timeout for a task result that never comes: say why (the site's log) and end.
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def run(job_name: str, job: JobConfig, site: SiteConfig, trainer: Trainer) -> None:

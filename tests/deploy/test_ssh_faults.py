@@ -133,7 +133,10 @@ def test_killed_participant_is_restarted_and_registers_again(deployed, runtime):
 def test_a_tiny_job_trains_while_an_interrupted_deploy_waits_for_it_unless_forced(deployed, tmp_path):
     env, site = deployed["env"], "hospital_a"
     ws = deployed["root"] / site / "opt" / "hcls-flare" / site
-    new = write_inventory(tmp_path / "new.yml", deployed["key"], flare_participant_privacy={"min_dataset_size": 3})
+    # A new environment of the participant (flarectl.sh exports it): its running process cannot take it without a
+    # restart. (A new privacy policy would not do: each job process reads the policy; it restarts no participant.)
+    new = write_inventory(tmp_path / "new.yml", deployed["key"],
+                          flare_participant_env={"OMP_NUM_THREADS": 1, "HCLS_STALE": 1})  # fmt: skip
     new_env = dict(env, INVENTORY=str(new))
     pid, _ = status(deployed, site)
 
@@ -141,17 +144,18 @@ def test_a_tiny_job_trains_while_an_interrupted_deploy_waits_for_it_unless_force
     try:
         until(f"job {job_id} running on {site}", lambda: job_id in flarectl(deployed, site, "jobs").stdout, timeout=120)
 
-        # A deploy of a new privacy policy, killed (SIGKILL, with its SSH sessions) once local/ has changed on the host.
+        # A deploy of the new environment, killed (SIGKILL, with its SSH sessions) once flarectl.sh changed on the host.
         deploy = subprocess.Popen(command("deploy.sh", site, env=new_env), env=new_env, cwd=REPO, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        lines = []
+        lines, task = [], ""
         for line in deploy.stdout:
             lines.append(line)
-            if re.match(rf"changed: \[{site}\] => \(item=privacy.json\)", line):
+            task = line if line.startswith("TASK [") else task
+            if "Install the participant control script" in task and line.startswith(f"changed: [{site}]"):
                 os.killpg(deploy.pid, signal.SIGKILL)
                 break
         deploy.wait(timeout=60)
-        assert '"min_dataset_size": 3' in (ws / "local" / "privacy.json").read_text(), "".join(lines)
+        assert "export HCLS_STALE=1" in (ws / "flarectl.sh").read_text(), "".join(lines)
         assert status(deployed, site)[0] == pid  # written, not applied
 
         # The next deploy has nothing to copy but knows the participant is stale: refused while the job runs.
@@ -179,7 +183,7 @@ def test_a_tiny_job_trains_while_an_interrupted_deploy_waits_for_it_unless_force
     again = run("deploy.sh", site, env=new_env)
     assert recap(again.stdout) == {site: (0, 0, 0)}, again.stdout
 
-    # FORCE=1 restarts it during a job (back to the inventory's policy); the job is then aborted.
+    # FORCE=1 restarts it during a job (back to the inventory's environment); the job is then aborted.
     pid, _ = status(deployed, site)
     job, job_id = submit(deployed, tmp_path, wait=False)
     job.wait(timeout=60)
@@ -189,7 +193,7 @@ def test_a_tiny_job_trains_while_an_interrupted_deploy_waits_for_it_unless_force
         assert recap(forced.stdout)[site][0] > 0 and recap(forced.stdout)[site][1:] == (0, 0), forced.stdout
         assert f"ending job {job_id}" in " ".join(forced.stdout.split()), forced.stdout
         assert status(deployed, site)[0] != pid and flarectl(deployed, site, "jobs").stdout.strip() == ""
-        assert '"min_dataset_size": 2' in (ws / "local" / "privacy.json").read_text()
+        assert "HCLS_STALE" not in (ws / "flarectl.sh").read_text()
     finally:
         abort = [sys.executable, "-c", ABORT, admin_kit(env), job_id]
         subprocess.run(command(*abort, env=env, coordinator=True), env=dict(env, PYTHONPATH=str(REPO / "custom")),

@@ -6,9 +6,12 @@ tiny profile and, for the attacks, a small forged trainer added to the job's cus
 
 import csv
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -146,6 +149,28 @@ def server_contents(env):
             yield str(path), path.read_bytes()
 
 
+def holding(contents, values: list[bytes]) -> list[str]:
+    """The paths of ``contents`` ((path, bytes)) in which any of ``values`` occurs as bytes: ``any(v in content for v
+    in values)``, for a content of 1 MiB or more in one ``grep -F`` pass (hundreds of values, each searched on its own
+    through the gigabytes the server holds after the whole suite, took minutes)."""
+    assert all(values) and not any(b"\n" in v for v in values)  # grep -F: one value a line, matched within a line
+    found = []
+    with tempfile.NamedTemporaryFile("wb", suffix=".txt") as patterns:
+        patterns.write(b"\n".join(values) + b"\n")
+        patterns.flush()
+        for path, content in contents:
+            if len(content) < 1 << 20:
+                hit = any(v in content for v in values)
+            else:
+                grep = subprocess.run(["grep", "-a", "-F", "-q", "-f", patterns.name], input=content,
+                                      env=dict(os.environ, LC_ALL="C"), capture_output=True)  # fmt: skip
+                assert grep.returncode in (0, 1), grep.stderr
+                hit = grep.returncode == 0
+            if hit:
+                found.append(path)
+    return found
+
+
 def identifiers(env) -> set[str]:
     values = set()
     for path in (Path(env["HCLS_WORKSPACE"]) / "data").glob("*/*/*.csv"):  # CXR in the project's layout (tiny_data.json)
@@ -167,7 +192,9 @@ def site_policy(env, tmp_path):
             (inventory / "host_vars" / f"{host}.yml").write_text(
                 json.dumps({"flare_participant_privacy": {"min_dataset_size": 2, **override}})
             )
-        run("deploy.sh", env={**env, "INVENTORY": str(inventory / "hosts.sh")})
+        out = run("deploy.sh", env={**env, "INVENTORY": str(inventory / "hosts.sh")}).stdout
+        # Each job process reads the site's policy when the job starts: a new policy restarts no participant.
+        assert not re.search(r"hospital_[ab] (re)?started", out), out[-3000:]
 
     yield apply
     run("deploy.sh", env=env)
@@ -269,5 +296,5 @@ def test_a_hostile_job_is_blocked_by_structure_and_by_identifiers_in_any_encodin
     assert "Contribution from hospital_a" not in server_log  # COMPLETED with min_clients 1: hospital_b's counted
     last, first = row["PatientName"].split("^")
     values = [v.encode() for v in identifiers(env) | {pid.lower(), f"{first}_{last}".lower()}]  # every site's
-    leaked = [path for path, content in server_contents(env) if any(v in content for v in values)]
+    leaked = holding(server_contents(env), values)
     assert not leaked, leaked
