@@ -35,8 +35,10 @@ CUT_OFF_PROFILE = {**TINY_PROFILE, "server": {
     **TINY_PROFILE["server"], "num_rounds": 8, "min_clients": 1, "train_timeout": CUT_OFF_TRAIN_TIMEOUT,
     "workflows": [{"id": "cross_site_validation", "remove": True}],
 }}  # fmt: skip
+# A job that outlasts the deploys a test makes while it runs (a 2- or 8-round job can end first): it is aborted.
+LONG_PROFILE = {**TINY_PROFILE, "server": {**TINY_PROFILE["server"], "num_rounds": 200}}
 # The profiles of the CXR jobs the SSH tests submit: every site approves them (make approve) before the deploy.
-APPROVED_PROFILES = [TINY_PROFILE, CUT_OFF_PROFILE]
+APPROVED_PROFILES = [TINY_PROFILE, CUT_OFF_PROFILE, LONG_PROFILE]
 
 PREFIX = "hclsd"  # namespaces hclsd-h<i>, root-side veths hclsd-v<i>, bridge hclsd-br
 BRIDGE, BRIDGE_ADDR = f"{PREFIX}-br", "10.77.0.1"
@@ -194,6 +196,11 @@ def container_site_reason(work: Path) -> str:
         if built.returncode != 0:
             cause = "the session ended first" if IMAGE_BUILD.get("cancelled") else stderr.strip()[-2000:]
             return f"{IMAGE_FAILED}: {cause}"
+        # A killed session's participant containers: their restart policy would restart them in the new hosts.
+        left = subprocess.run(["docker", "ps", "-aq", "--filter", "name=^flare-"], env=env, capture_output=True,
+                              text=True, timeout=60).stdout.split()  # fmt: skip
+        if left:
+            subprocess.run(["docker", "rm", "-f", *left], env=env, capture_output=True, timeout=120)
     finally:
         subprocess.run([ENGINE, "stop"], capture_output=True, timeout=120)
     return ""
