@@ -119,7 +119,7 @@ def test_one_site_stops_and_redeploys_while_the_others_run(deployed):
 
 
 def test_unreachable_host_fails_fast_and_named_while_the_others_deploy(deployed):
-    """The cut host fails within 60 s of its play's start (the server's play runs first)."""
+    """The cut host fails within 60 s of the play's start (every host runs each task in the same step)."""
     subprocess.run(["ip", "link", "set", veth(2), "down"], check=True)  # cut hospital_b's link
     lines, play_started, failed_after = [], None, None
     try:
@@ -127,7 +127,7 @@ def test_unreachable_host_fails_fast_and_named_while_the_others_deploy(deployed)
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
         for line in deploy.stdout:
             lines.append(line)
-            if line.startswith("PLAY [Deploy the hospital sites]"):
+            if line.startswith("PLAY [Deploy the FLARE participants]"):
                 play_started = time.monotonic()
             if failed_after is None and re.match(r"fatal: \[hospital_b\]: UNREACHABLE", line):
                 failed_after = time.monotonic() - play_started
