@@ -513,6 +513,19 @@ def provisioned(ssh_hosts):
     return ssh_hosts
 
 
+def server_job_file(deployed, job_id: str, name: str) -> Path:
+    """A file of the server's run folder of job JOB_ID (there while the job runs)."""
+    return deployed["root"] / "flare-server" / "opt" / "hcls-flare" / "flare-server" / job_id / name
+
+
+def round_record(deployed, job_id: str) -> list[dict]:
+    """The rounds of the server's rounds.json (hcls.fedavg) of a running job; [] before it is written."""
+    try:
+        return json.loads(server_job_file(deployed, job_id, "app_server/rounds.json").read_text())["rounds"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return []
+
+
 def command(*args, env, coordinator=False) -> list:
     """scripts/ARGS[0] ARGS[1:] (or ARGS as they are when ARGS[0] is an absolute path); coordinator=True: with
     /etc/hosts resolving flare-server to the server host, for the admin's processes only (a private mount

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import pytest
 from .conftest import CUT_OFF_PROFILE, CUT_OFF_TRAIN_TIMEOUT, HOSTS, LONG_PROFILE, PREFIX, REPO, command, netns, recap, run, veth
-from .conftest import write_inventory
+from .conftest import round_record, server_job_file, write_inventory
 from .conftest import on_host as _on_host
 from monai.networks.nets import DenseNet121
 
@@ -190,19 +190,6 @@ def test_a_tiny_job_trains_while_an_interrupted_deploy_waits_for_it_unless_force
         assert "HCLS_STALE" not in (ws / "flarectl.sh").read_text()
     finally:
         run("abort.sh", job_id, env=env, coordinator=True, check=False)
-
-
-def server_job_file(deployed, job_id: str, name: str) -> Path:
-    """A file of the server's run folder of job JOB_ID (there while the job runs)."""
-    return deployed["root"] / "flare-server" / "opt" / "hcls-flare" / "flare-server" / job_id / name
-
-
-def round_record(deployed, job_id: str) -> list[dict]:
-    """The rounds of the server's rounds.json (hcls.fedavg) of a running job; [] before it is written."""
-    try:
-        return json.loads(server_job_file(deployed, job_id, "app_server/rounds.json").read_text())["rounds"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return []
 
 
 def finished_round(deployed, job_id: str, site: str, contributed: bool, after: int = -1) -> dict | None:

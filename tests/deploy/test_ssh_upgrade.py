@@ -15,7 +15,7 @@ import re
 import subprocess
 import time
 
-from .conftest import HOSTS, LONG_PROFILE, REPO, TEST_TORCH, command, on_host, recap, run
+from .conftest import HOSTS, LONG_PROFILE, REPO, TEST_TORCH, command, on_host, recap, round_record, run
 
 PATCH = ("pytest==9.0.2", "pytest==9.0.3")
 VENVS = "/opt/hcls-flare/venvs"
@@ -31,15 +31,6 @@ def submit(deployed, tmp_path, layer: dict) -> tuple[subprocess.Popen, str]:
         if match := re.search(r"job id (\S+)", line):
             return proc, match.group(1)
     raise AssertionError(f"no job id from submit.sh: {proc.wait()}")
-
-
-def finished_rounds(deployed, job_id: str) -> list[dict]:
-    """The finished rounds of the server's rounds.json (hcls.fedavg) of a running job; [] before it is written."""
-    path = deployed["root"] / "flare-server" / "opt" / "hcls-flare" / "flare-server" / job_id / "app_server" / "rounds.json"
-    try:
-        return [r for r in json.loads(path.read_text())["rounds"] if r.get("finished")]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return []
 
 
 def participant_path(deployed, name: str) -> str:
@@ -93,9 +84,13 @@ def test_upgrade_rolls_a_patch_release_out_one_participant_at_a_time_between_job
         refused = run("deploy.sh", site, env=env, check=False)
         said = " ".join((refused.stdout + refused.stderr).split())
         assert refused.returncode != 0 and f"{site} runs job {job_id}: not restarted" in said, refused.stdout[-3000:]
-        after = len(finished_rounds(deployed, job_id))
-        until(lambda: len(finished_rounds(deployed, job_id)) > after, timeout=300)
-        assert all(r["missing"] == [] and len(r["contributed"]) == 2 for r in finished_rounds(deployed, job_id))
+
+        def finished() -> list[dict]:
+            return [r for r in round_record(deployed, job_id) if r.get("finished")]
+
+        after = len(finished())
+        until(lambda: len(finished()) > after, timeout=300)
+        assert all(r["missing"] == [] and len(r["contributed"]) == 2 for r in finished())
     finally:
         run("abort.sh", job_id, env=env, coordinator=True, check=False)
         out, _ = job.communicate(timeout=300)
