@@ -121,7 +121,8 @@ def test_no_patient_identifier_reaches_any_log(deployed, env, tmp_path):
         with open(csv_path, newline="") as f:
             identifiers |= {row[c] for row in csv.DictReader(f) for c in IDENTIFIER_COLUMNS if c in row}
     assert len(identifiers) > 100, "the generated CXR CSVs carry no PatientName/PatientID/PatientBirthDate"
-    pattern = re.compile("|".join(rf"(?<![\w^]){re.escape(v)}(?![\w^])" for v in identifiers))
+    # One lookaround around the alternation (not one per identifier: 40x slower over the logs), same matches.
+    pattern = re.compile(rf"(?<![\w^])(?:{'|'.join(map(re.escape, sorted(identifiers)))})(?![\w^])")
     every_file = [*(Path(env["HCLS_WORKSPACE"]) / "local").rglob("*"), *server_job.rglob("*")]
     logs = [
         p for p in every_file if p.is_file() and re.fullmatch(r"(log.*\.(txt|json)|.*\.log|error_log\.txt)", p.name)

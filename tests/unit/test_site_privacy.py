@@ -228,7 +228,7 @@ RECORDED = {"dp_noise_multiplier": 1.0, "dp_sample_rate": 0.1, "dp_steps": 10, "
     "meta, reason",
     [
         ({}, "lacks DP accounting (dp_noise_multiplier, dp_sample_rate, dp_steps, dp_max_grad_norm)"),
-        ({**RECORDED, "dp_noise_multiplier": 0.3, "dp_steps": 2000, "dp_epsilon": 0.1},
+        ({**RECORDED, "dp_noise_multiplier": 0.7, "dp_steps": 300, "dp_epsilon": 0.1},  # epsilon 25.8
          "(the site's accountant, this result included) exceeds the site's budget 8.0"),
         ({**RECORDED, "dp_max_grad_norm": 5.0}, "exceeds the site's max_grad_norm"),
     ],
