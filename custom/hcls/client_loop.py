@@ -79,6 +79,7 @@ def run(job_name: str, job: JobConfig, site: SiteConfig, trainer: Trainer) -> No
             flare.send(FLModel(params=best["state_dict"], meta=dp_meta()))
             continue
 
+        started = time.time()
         input_model.params = shaped_like(model, input_model.params)  # the Client API diffs the result against it
         model.load_state_dict(input_model.params)
         metrics = trainer.evaluate()
@@ -86,7 +87,7 @@ def run(job_name: str, job: JobConfig, site: SiteConfig, trainer: Trainer) -> No
             flare.send(FLModel(metrics=metrics))
             continue
 
-        round_no, started = input_model.current_round, time.time()
+        round_no = input_model.current_round
         train_loss, steps = trainer.train()
         local = trainer.evaluate()[key_metric]
         best = load_best_local(best_path)
@@ -102,7 +103,7 @@ def run(job_name: str, job: JobConfig, site: SiteConfig, trainer: Trainer) -> No
             writer.add_scalar("dp_epsilon", privacy["dp_epsilon"], global_step=round_no)
         print(
             f"[{name}] round {round_no}: train_loss={train_loss:.4f} {key_metric}={metrics[key_metric]:.4f} "
-            f"(global model) {key_metric}_local={local:.4f} steps={steps} {time.time() - started:.1f}s"
+            f"(global model) {key_metric}_local={local:.4f} steps={steps} compute {time.time() - started:.3f}s"
             + (f" dp_epsilon={privacy['dp_epsilon']:.3f} of {site.dp_policy['epsilon']}" if privacy else "")
         )
         meta = {"NUM_STEPS_CURRENT_ROUND": steps, **privacy}

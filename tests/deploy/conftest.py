@@ -31,8 +31,9 @@ TINY_DATA = json.loads((REPO / "tests" / "tiny_data.json").read_text())  # gener
 TINY_PROFILE = json.loads((REPO / "tests" / "tiny_cxr_profile.json").read_text())  # 2 rounds, 32 px
 # test_ssh_faults: a site cut off longer than a round (8 rounds, min_clients 1, training only: CI time).
 CUT_OFF_TRAIN_TIMEOUT = 60  # round 0 includes the first trainer start (~30 s cold)
+# Rounds with both sites take a second or two: 30 of them keep the job running until the cut-off site is back.
 CUT_OFF_PROFILE = {**TINY_PROFILE, "server": {
-    **TINY_PROFILE["server"], "num_rounds": 8, "min_clients": 1, "train_timeout": CUT_OFF_TRAIN_TIMEOUT,
+    **TINY_PROFILE["server"], "num_rounds": 30, "min_clients": 1, "train_timeout": CUT_OFF_TRAIN_TIMEOUT,
     "workflows": [{"id": "cross_site_validation", "remove": True}],
 }}  # fmt: skip
 # A job that outlasts the deploys a test makes while it runs (a 2- or 8-round job can end first): it is aborted.

@@ -107,6 +107,17 @@ def test_every_round_is_bounded():
     assert FedAvg(min_clients=1, num_rounds=2, train_timeout=30)._train_timeout == 30
 
 
+def test_the_task_monitor_polls_at_the_configured_period():
+    """NVFlare 2.9's task monitor keeps its own 0.2 s unless FedAvg hands it task_check_period (the end of every round
+    waits for the monitor's next look)."""
+    from nvflare.apis.impl.wf_comm_server import WFCommServer
+
+    communicator = WFCommServer()
+    assert communicator._task_check_period == 0.2  # NVFlare's own, whatever the controller was given
+    FedAvg(min_clients=2, num_rounds=1, train_timeout=60, task_check_period=0.01).set_communicator(communicator)
+    assert communicator._task_check_period == 0.01
+
+
 def test_job_recovery_checks_its_settings():
     with pytest.raises(ValueError, match="settle_timeout must be a number > 0"):
         JobRecovery(settle_timeout=0)
