@@ -40,7 +40,7 @@ help: ## List the targets
 check-vars:
 	@source scripts/common.sh && check_make_vars
 
-$(VENV): requirements.txt | check-vars
+$(VENV): requirements.txt requirements-coordinator.txt | check-vars
 	scripts/setup.sh
 
 .PHONY: setup

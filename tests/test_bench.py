@@ -17,7 +17,8 @@ def bench(tmp_path, *args):
 
 def test_an_unknown_row_is_refused(tmp_path):
     run = bench(tmp_path, "ONLY=nothing")
-    assert run.returncode != 0 and "ONLY=nothing: no row nothing (rows: operations" in run.stderr, run.stderr
+    rows = "federated, bandwidth, dp, overhead, operations"
+    assert run.returncode != 0 and f"ONLY=nothing: no row nothing (rows: {rows})" in run.stderr, run.stderr
 
 
 def test_the_operations_row_measures_provision_and_deploys(tmp_path):
@@ -29,3 +30,33 @@ def test_the_operations_row_measures_provision_and_deploys(tmp_path):
     assert all(r["value"] > 0 and r["row"] == "operations" for r in rows), rows
     assert [r["target"] for r in rows] == ["", "<= 30 s", "<= 15 s"]
     assert (tmp_path / "results" / "bench.md").read_text().strip() in run.stdout  # printed as written
+
+
+def test_the_learning_rows_measure_fedavg_against_centralized_bandwidth_and_dp(tmp_path):
+    run = bench(tmp_path, "ONLY=federated,bandwidth,dp", "QUICK=1")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads((tmp_path / "results" / "bench.json").read_text())["rows"]
+    assert [r["row"] for r in rows] == ["federated"] + ["bandwidth"] * 11 + ["dp"] * 2
+    federated, dense_bytes, *options = rows[:12]
+    assert federated["reference_what"] == "centralized" and len(federated["samples"]) == 2  # the metric per round
+    assert 0 <= federated["value"] <= 1 and 0 <= federated["reference"] <= 1
+    # the bytes as NVFlare serializes a DenseNet-121 update (6.97 M float32), then what each option sends
+    assert 27e6 < dense_bytes["value"] * 1e6 < 30e6, dense_bytes
+    sent = {r["what"].removeprefix("bytes a site sends per round, "): r["ratio"] for r in options[::2]}
+    assert list(sent) == ["top-k 10 %", "top-k 1 %", "float16", "adaquant", "float16 + top-k 10 %"]
+    assert sent["top-k 1 %"] < sent["top-k 10 %"] < 0.25 and 0.45 < sent["float16"] < 0.55, sent
+    assert sent["float16 + top-k 10 %"] < sent["top-k 10 %"], sent
+    assert all(r["reference"] == federated["value"] for r in options[1::2])  # dense FedAvg, run once
+    epsilon8, epsilon1 = rows[12:]
+    assert epsilon8["reference"] == epsilon1["reference"] and epsilon8["target"] == ">= 0.90 x no DP"
+    assert "epsilon 8" in epsilon8["what"] and "epsilon 1" in epsilon1["what"] and "GroupNorm" in epsilon8["what"]
+
+
+def test_the_overhead_row_times_rounds_of_this_projects_job_and_of_a_stock_nvflare_job(tmp_path):
+    run = bench(tmp_path, "ONLY=overhead", "QUICK=1")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "results" / "bench.json").read_text())["rows"]
+    assert row["what"].startswith("round overhead, tiny DenseNet") and row["target"] == "<= 0.1 s", row
+    assert row["reference_what"] == "stock NVFlare" and len(row["samples"]) == 2  # rounds 1 and 2 of 4
+    # a round of either job takes longer than its slowest site's compute: orchestration is never free
+    assert row["value"] > 0 and row["reference"] > 0, row

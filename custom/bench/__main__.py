@@ -4,9 +4,11 @@ import argparse
 import time
 from pathlib import Path
 
-from . import operations, table
+from . import learning, operations, overhead, table
 
-ROWS = {"operations": operations}
+# each row: run(quick, work) -> list[Measurement]
+ROWS = {"federated": learning.federated, "bandwidth": learning.bandwidth, "dp": learning.dp,
+        "overhead": overhead.run, "operations": operations.run}  # fmt: skip
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -24,7 +26,7 @@ def main() -> int:
     started, measurements = time.time(), []
     for row in chosen:
         print(f"bench: {row} ...", flush=True)
-        measurements += ROWS[row].run(args.quick, args.work / row)
+        measurements += ROWS[row](args.quick, args.work / row)
     print(table.write(measurements, args.out, started))
     print(f"written: {args.out / 'bench.md'}, {args.out / 'bench.json'}")
     return 0

@@ -115,9 +115,11 @@ def pattern(shape: str, size: int, centre: tuple[float, float]) -> np.ndarray:
     return masks[shape].astype(np.float64)
 
 
-def render_image(findings: np.ndarray, size: int, rng: np.random.Generator, outputs=None) -> np.ndarray:
+def render_image(findings: np.ndarray, size: int, rng: np.random.Generator, outputs=None,
+                 signal: float = SIGNAL) -> np.ndarray:  # fmt: skip
     """An 8-bit grayscale image with the pattern of every present finding; ``outputs[i]``: the index among
-    ``n`` job outputs whose pattern finding ``i`` draws (None: none), as ``(indices, n)``; default: itself."""
+    ``n`` job outputs whose pattern finding ``i`` draws (None: none), as ``(indices, n)``; default: itself.
+    ``signal``: a pattern's peak brightness (lower is harder to learn)."""
     image = chest_background(size, rng)
     indices, n_outputs = outputs or (list(range(len(findings))), len(findings))
     for index in (indices[i] for i in np.flatnonzero(findings)):
@@ -126,7 +128,7 @@ def render_image(findings: np.ndarray, size: int, rng: np.random.Generator, outp
         cx, cy = pattern_centre(index, n_outputs)
         jitter = rng.uniform(-0.015, 0.015, size=2)
         shape = SHAPES[(index + index // GRID_COLUMNS) % len(SHAPES)]
-        image += SIGNAL * rng.uniform(0.8, 1.2) * pattern(shape, size, (cx + jitter[0], cy + jitter[1]))
+        image += signal * rng.uniform(0.8, 1.2) * pattern(shape, size, (cx + jitter[0], cy + jitter[1]))
     image += rng.normal(0.0, NOISE, size=image.shape)
     return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
 
@@ -155,7 +157,7 @@ def patient_identifiers(seed: int, patient: int, age: int, site_prefix: str) -> 
 
 
 def write_split(out: Path, split: str, patients: list[int], labels: list[str], size: int, site_prefix: str,
-                seed: int, rng: np.random.Generator) -> None:
+                seed: int, rng: np.random.Generator, signal: float = SIGNAL) -> None:  # fmt: skip
     """Write ``OUT/<split>.csv`` and one frontal image per patient."""
     with open(out / f"{split}.csv", "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
@@ -164,7 +166,7 @@ def write_split(out: Path, split: str, patients: list[int], labels: list[str], s
             findings = rng.random(len(labels)) < PREVALENCE
             rel_path = f"images/patient{patient:05d}/study1/view1_frontal.jpg"
             (out / rel_path).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(render_image(findings, size, rng)).save(out / rel_path, quality=JPEG_QUALITY)
+            Image.fromarray(render_image(findings, size, rng, signal=signal)).save(out / rel_path, quality=JPEG_QUALITY)
             sex, age, view = rng.choice(["Male", "Female"]), rng.integers(20, 91), rng.choice(["AP", "PA"])
             writer.writerow(
                 [rel_path, sex, age, "Frontal", view, *report_labels(findings, rng, expert=split == "val"),
@@ -173,13 +175,13 @@ def write_split(out: Path, split: str, patients: list[int], labels: list[str], s
 
 
 def generate(out: Path, n_train: int, n_val: int, seed: int, size: int = 128,
-             labels: list[str] = DEFAULT_LABELS, site_prefix: str = "A") -> None:
+             labels: list[str] = DEFAULT_LABELS, site_prefix: str = "A", signal: float = SIGNAL) -> None:
     """Write a train and a val split of distinct, seed-dependent patients into ``out``."""
     rng = np.random.default_rng(seed)
     patients = [int(p) for p in rng.choice(np.arange(1, 100_000), size=n_train + n_val, replace=False)]
     out.mkdir(parents=True, exist_ok=True)
-    write_split(out, "train", sorted(patients[:n_train]), labels, size, site_prefix, seed, rng)
-    write_split(out, "val", sorted(patients[n_train:]), labels, size, site_prefix, seed, rng)
+    write_split(out, "train", sorted(patients[:n_train]), labels, size, site_prefix, seed, rng, signal)
+    write_split(out, "val", sorted(patients[n_train:]), labels, size, site_prefix, seed, rng, signal)
 
 
 def output_indices(layout: str, sources: list[str], labels: list[str] = DEFAULT_LABELS,

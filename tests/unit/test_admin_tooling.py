@@ -363,7 +363,8 @@ def test_every_target_checks_its_variables_before_setup():
     with_venv = {target: prereqs.split() for target, prereqs in rules if "$(VENV)" in prereqs}
     assert len(with_venv) > 15
     assert {t: p[:2] for t, p in with_venv.items()} == {t: ["check-vars", "$(VENV)"] for t in with_venv}
-    assert re.search(r"^\$\(VENV\): requirements.txt \| check-vars$", (REPO / "Makefile").read_text(), flags=re.M)
+    venv_rule = r"^\$\(VENV\): requirements.txt requirements-coordinator.txt \| check-vars$"
+    assert re.search(venv_rule, (REPO / "Makefile").read_text(), flags=re.M)
 
 
 def test_upgrade_refuses_an_unknown_site_missing_pins_and_pins_without_nvflare_before_anything_changes(tmp_path):
