@@ -32,14 +32,19 @@ def test_the_operations_row_measures_provision_and_deploys(tmp_path):
     assert (tmp_path / "results" / "bench.md").read_text().strip() in run.stdout  # printed as written
 
 
-def test_the_learning_rows_measure_fedavg_against_centralized_bandwidth_and_dp(tmp_path):
+def test_the_learning_rows_measure_fedavg_against_centralized_per_job_bandwidth_and_dp(tmp_path):
     run = bench(tmp_path, "ONLY=federated,bandwidth,dp", "QUICK=1")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads((tmp_path / "results" / "bench.json").read_text())["rows"]
-    assert [r["row"] for r in rows] == ["federated"] + ["bandwidth"] * 11 + ["dp"] * 2
-    federated, dense_bytes, *options = rows[:12]
-    assert federated["reference_what"] == "centralized" and len(federated["samples"]) == 2  # the metric per round
-    assert 0 <= federated["value"] <= 1 and 0 <= federated["reference"] <= 1
+    assert [r["row"] for r in rows] == ["federated"] * 3 + ["bandwidth"] * 11 + ["dp"] * 2
+    *federated, dense_bytes = rows[:4]
+    options = rows[4:14]
+    # each job's key metric, FedAvg against the pooled data, one value per round (CXR 2 rounds, the 3D jobs 1)
+    assert [(r["unit"], r["reference_what"], len(r["samples"])) for r in federated] == [
+        ("val_auc", "centralized", 2), ("val_mean_dice", "centralized", 1), ("val_froc", "centralized", 1)]  # fmt: skip
+    assert all(0 <= r["value"] <= 1 and 0 <= r["reference"] <= 1 for r in federated), federated
+    assert "SegResNet" in federated[1]["what"] and "RetinaNet" in federated[2]["what"], federated
+    federated = federated[0]
     # the bytes as NVFlare serializes a DenseNet-121 update (6.97 M float32), then what each option sends
     assert 27e6 < dense_bytes["value"] * 1e6 < 30e6, dense_bytes
     sent = {r["what"].removeprefix("bytes a site sends per round, "): r["ratio"] for r in options[::2]}
@@ -47,7 +52,7 @@ def test_the_learning_rows_measure_fedavg_against_centralized_bandwidth_and_dp(t
     assert sent["top-k 1 %"] < sent["top-k 10 %"] < 0.25 and 0.45 < sent["float16"] < 0.55, sent
     assert sent["float16 + top-k 10 %"] < sent["top-k 10 %"], sent
     assert all(r["reference"] == federated["value"] for r in options[1::2])  # dense FedAvg, run once
-    epsilon8, epsilon1 = rows[12:]
+    epsilon8, epsilon1 = rows[14:]
     assert epsilon8["reference"] == epsilon1["reference"] and epsilon8["target"] == ">= 0.90 x no DP"
     assert "epsilon 8" in epsilon8["what"] and "epsilon 1" in epsilon1["what"] and "GroupNorm" in epsilon8["what"]
 

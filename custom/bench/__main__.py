@@ -27,7 +27,8 @@ def main() -> int:
     for row in chosen:
         print(f"bench: {row} ...", flush=True)
         measurements += ROWS[row](args.quick, args.work / row)
-    print(table.write(measurements, args.out, started))
+        markdown = table.write(measurements, args.out, started)  # after each row: a late failure keeps the others
+    print(markdown)
     print(f"written: {args.out / 'bench.md'}, {args.out / 'bench.json'}")
     return 0
 

@@ -1,9 +1,9 @@
 """Rows "federated", "bandwidth" and "dp": what FedAvg learns, side by side with the alternatives, through the
 trainers' own code.
 
-Every side is built by the job's trainer (``cxr_classification.build``: its data reading, network, loss, optimizer,
-DP-SGD) from the job configuration that ``make submit`` would send (job_configs/ with the demo profile, plus the dp
-profile for the DP row), on CXR data generated in the project's layout for two sites (seeds 1 and 2). FedAvg runs
+Every side is built by the job's trainer (``<job>.build``: its data reading, network, loss, optimizer, DP-SGD)
+from the job configuration that ``make submit`` would send (job_configs/ with the demo profile, plus the dp
+profile for the DP row), on data generated in the project's layouts for two sites (seeds 1 and 2). FedAvg runs
 in this one process: each site's trainer starts the round from the global weights, trains its local epochs and
 sends its update (a ``WEIGHT_DIFF`` DXO) through the same filters the job configures (``sparse_update``, NVFlare's
 ``ModelQuantizer``/``ModelDequantizer``); NVFlare's ``WeightedAggregationHelper`` averages the updates weighted by
@@ -11,12 +11,14 @@ optimizer steps, as the server's ``InTimeAccumulateWeightedAggregator`` does. Th
 update serialized by NVFlare (FOBS) after the site's filters. Transport, mTLS and orchestration are not in these
 rows (row "overhead" measures them on the real federation).
 
-Every model is evaluated on the same validation set, both sites' validation studies pooled; the figure is the key
+Every model is evaluated on the same validation set, both sites' validation cases pooled; the figure is the key
 metric after the last round (the metric after each round is in ``samples``). Centralized training trains the same
-network from the same initial weights on both sites' training studies pooled, for as many epochs as FedAvg has
-rounds (the same number of passes over the data). One seed per run (SEED): the table states it.
+network from the same initial weights on both sites' training cases pooled, as many local epochs per round as
+FedAvg (the same number of passes over the data). One seed per run (SEED): the table states it. Row
+"federated" runs each of the three jobs; rows "bandwidth" and "dp" the CXR job.
 """
 
+import importlib
 import json
 import os
 import shutil
@@ -39,40 +41,51 @@ from ops import job_builder
 
 from .table import Measurement
 
-JOB = "cxr_classification"
+CXR = "cxr_classification"
 SITES = ("site1", "site2")  # the two sites of the in-process federation
 SEED = 0
 
 
 @dataclass(frozen=True)
 class Sizes:
-    n_train: int  # training studies per site
-    n_val: int  # validation studies per site
-    pixels: int  # generated image width and height
-    signal: float  # a finding's peak brightness (datagen.cxr.SIGNAL is the demo's: 0.40, pooled training reaches 0.998)
-    rounds: int  # FedAvg rounds = centralized epochs
+    n_train: int  # training cases per site
+    n_val: int  # validation cases per site
+    size: int  # generated image width and height (CXR), volume edge in voxels (CT, LUNA16 x and y)
+    rounds: int  # FedAvg rounds; centralized training runs as many rounds of the job's local epochs
+    signal: float | None = None  # CXR: a finding's peak brightness (the demo's 0.40 lets pooled training reach 0.998)
 
 
-FULL = Sizes(n_train=300, n_val=150, pixels=64, signal=0.2, rounds=14)
-QUICK = Sizes(n_train=24, n_val=16, pixels=32, signal=0.15, rounds=2)
+# per job: (full, QUICK) sizes. 3D: the demo's volume sizes and local epochs, more cases and rounds than the demo.
+SIZES = {
+    CXR: (Sizes(300, 150, 64, 14, signal=0.2), Sizes(24, 16, 32, 2, signal=0.15)),
+    "ct_segmentation": (Sizes(16, 6, 48, 8), Sizes(2, 1, 48, 1)),
+    "lung_nodule_detection": (Sizes(16, 6, 48, 8), Sizes(2, 1, 48, 1)),
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------- data and configuration
 
 
-def generate_data(work: Path, sizes: Sizes) -> Path:
-    """``work/data/<site>`` for each site and ``work/data/pooled``: every site's studies, each patient's folder
-    linked as ``images/patient<site number><NNNNN>`` (two sites' patient numbers may coincide); the data root."""
-    from datagen import cxr
+def generate_site(job: str, out: Path, sizes: Sizes, index: int) -> None:
+    """One site's data in the project's layout (datagen), seed ``index``."""
+    from datagen import ct, cxr, luna16
 
-    root = work / "data"
+    if job == CXR:
+        cxr.generate(out, sizes.n_train, sizes.n_val, seed=index, size=sizes.size, site_prefix=str(index),
+                     signal=sizes.signal)  # fmt: skip
+    elif job == "ct_segmentation":
+        ct.generate(out, sizes.n_train, sizes.n_val, seed=index, size=sizes.size)
+    else:
+        luna16.generate(out, sizes.n_train, sizes.n_val, seed=index, size=sizes.size)
+
+
+def pool_cxr(root: Path) -> None:
+    """``pooled/``: every site's studies, each patient's folder linked as ``images/patient<site number><NNNNN>``
+    (two sites' patient numbers may coincide)."""
     (root / "pooled" / "images").mkdir(parents=True)
     for split in ("train", "val"):
         lines = []
         for index, site in enumerate(SITES, start=1):
-            if split == "train":
-                cxr.generate(root / site, sizes.n_train, sizes.n_val, seed=index, size=sizes.pixels,
-                             site_prefix=site[-1].upper(), signal=sizes.signal)  # fmt: skip
             header, *rows = (root / site / f"{split}.csv").read_text().splitlines()
             lines = lines or [header]
             for row in rows:  # Path (images/patientNNNNN/study1/...) is the first column
@@ -81,37 +94,83 @@ def generate_data(work: Path, sizes: Sizes) -> Path:
                 (root / "pooled" / "images" / pooled).symlink_to(root / site / "images" / patient)
                 lines.append(f"images/{pooled}/{rest}")
         (root / "pooled" / f"{split}.csv").write_text("\n".join(lines) + "\n")
+
+
+def pool_lists(root: Path, rewrite) -> None:
+    """``pooled/train_data.json`` and ``val_data.json``: every site's entries, each passed through
+    ``rewrite(site, entry)``."""
+    for name in ("train_data.json", "val_data.json"):
+        merged = {}
+        for site in SITES:
+            for key, entries in json.loads((root / site / name).read_text()).items():
+                merged.setdefault(key, []).extend(rewrite(site, entry) for entry in entries)
+        (root / "pooled" / name).write_text(json.dumps(merged, indent=1) + "\n")
+
+
+def pool_ct(root: Path) -> None:
+    """``pooled/<site>`` links each site's folder; the lists name ``<site>/imagesTr/ct_NNNN.nii.gz`` (every site
+    numbers its cases from 1)."""
+    (root / "pooled").mkdir()
+    for site in SITES:
+        (root / "pooled" / site).symlink_to(root / site)
+    pool_lists(root, lambda site, entry: {k: f"{site}/{v}" for k, v in entry.items()})
+
+
+def pool_luna16(root: Path) -> None:
+    """``pooled/images/<seriesuid>.nii.gz`` links every site's series (the uids are unique), and
+    ``annotations/annotations.csv`` holds every site's nodules."""
+    (root / "pooled" / "images").mkdir(parents=True)
+    (root / "pooled" / "annotations").mkdir()
+    lines = []
+    for site in SITES:
+        for image in sorted((root / site / "images").iterdir()):
+            (root / "pooled" / "images" / image.name).symlink_to(image)
+        header, *rows = (root / site / "annotations" / "annotations.csv").read_text().splitlines()
+        lines = (lines or [header]) + rows
+    (root / "pooled" / "annotations" / "annotations.csv").write_text("\n".join(lines) + "\n")
+    pool_lists(root, lambda site, entry: entry)
+
+
+POOL = {CXR: pool_cxr, "ct_segmentation": pool_ct, "lung_nodule_detection": pool_luna16}
+
+
+def generate_data(job: str, work: Path, sizes: Sizes) -> Path:
+    """``work/data/<site>`` for each site and ``work/data/pooled`` (every site's cases); the data root."""
+    root = work / "data"
+    for index, site in enumerate(SITES, start=1):
+        generate_site(job, root / site, sizes, index)
+    POOL[job](root)
     return root
 
 
-def site_config(work: Path, dataset: str, dp: dict | None = None) -> SiteConfig:
-    """A site config whose CXR dataset is ``data/<dataset>``; DP-SGD at ``dp`` ({epsilon, delta, max_grad_norm})."""
+def site_config(job: str, work: Path, dataset: str, dp: dict | None = None) -> SiteConfig:
+    """A site config whose dataset of ``job`` is ``data/<dataset>``; DP-SGD at ``dp`` ({epsilon, delta,
+    max_grad_norm})."""
     privacy = {"min_dataset_size": 0,
                "blocked_data_fields": ["PatientName", "PatientID", "PatientBirthDate"],
                "differential_privacy": {"enabled": dp is not None, "mechanism": "gaussian", **(dp or {})}}  # fmt: skip
     path = work / "sites" / (dataset + (f"_dp{dp['epsilon']:g}" if dp else "") + ".json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"data_root": str(work / "data"), "datasets": {JOB: dataset}, "privacy": privacy}))
+    path.write_text(json.dumps({"data_root": str(work / "data"), "datasets": {job: dataset}, "privacy": privacy}))
     return SiteConfig(path)
 
 
-def job_config(work: Path, name: str, profiles: list[str], sizes: Sizes, quick: bool) -> JobConfig:
-    """The job as ``make submit JOB=cxr_classification PROFILE=<first>`` builds it, with the further profiles
-    layered on, ``sizes.rounds`` rounds and (QUICK) images resized to the generated size."""
-    config = job_builder.resolve(JOB, profiles[0])
+def job_config(job: str, work: Path, name: str, profiles: list[str], sizes: Sizes, quick: bool) -> JobConfig:
+    """``job`` as ``make submit JOB=<job> PROFILE=<first>`` builds it, with the further profiles layered on,
+    ``sizes.rounds`` rounds and (CXR, QUICK) images resized to the generated size."""
+    config = job_builder.resolve(job, profiles[0])
     for profile in profiles[1:]:
-        path = job_builder.profile_path(JOB, profile)
+        path = job_builder.profile_path(job, profile)
         config = job_builder.merge(config, job_builder.read_layer(path), str(path))
     config["server"]["num_rounds"] = sizes.rounds
-    if quick:
-        config["client"]["trainer"]["image_size"] = [sizes.pixels, sizes.pixels]
+    if quick and job == CXR:
+        config["client"]["trainer"]["image_size"] = [sizes.size, sizes.size]
     return JobConfig.from_job_folder(job_builder.write_job(config, work / "jobs" / name))
 
 
-def trainer_module():
-    import cxr_classification
-
-    return cxr_classification
+def trainer_module(job: JobConfig):
+    """The job's trainer (custom/<app_script>), whose ``build`` the client loop calls."""
+    return importlib.import_module(Path(job.client["app_script"]).stem)
 
 
 # ---------------------------------------------------------------- what a site sends
@@ -198,7 +257,7 @@ def initial_state(job: JobConfig) -> dict:
 def fedavg(job: JobConfig, sites: list[SiteConfig], evaluator, channel_of, sizes: Sizes) -> Outcome:
     """``sizes.rounds`` rounds of FedAvg over ``sites`` (each with its own ``channel_of()``), the global model
     evaluated by ``evaluator`` after each round."""
-    module, device = trainer_module(), torch.device("cpu")
+    module, device = trainer_module(job), torch.device("cpu")
     start = initial_state(job)
     trainers = [module.build(job, site, device) for site in sites]
     channels = [channel_of() for _ in sites]
@@ -227,38 +286,39 @@ def evaluate(evaluator, job: JobConfig, state: dict) -> float:
 
 
 def centralized(job: JobConfig, pooled: SiteConfig, sizes: Sizes) -> Outcome:
-    """The same network from the same initial weights, trained on the pooled data for ``sizes.rounds`` epochs."""
+    """The same network from the same initial weights, trained on the pooled data for ``sizes.rounds`` rounds of the
+    job's local epochs."""
     start = initial_state(job)
-    trainer = trainer_module().build(job, pooled, torch.device("cpu"))
+    trainer = trainer_module(job).build(job, pooled, torch.device("cpu"))
     trainer.model.load_state_dict(start)
     curve = []
     for epoch in range(sizes.rounds):
         trainer.train()
         curve.append(float(trainer.evaluate()[job.key_metric]))
-        print(f"bench:   centralized epoch {epoch}: {job.key_metric} {curve[-1]:.4f}", flush=True)
+        print(f"bench:   centralized round {epoch}: {job.key_metric} {curve[-1]:.4f}", flush=True)
     return Outcome(curve[-1], curve)
 
 
 class Setup:
-    """Data, site configs and the pooled evaluator of one bench run, shared by the rows that run in it."""
+    """One job's data, site configs and pooled evaluator in one bench run, shared by the rows that run in it."""
 
-    def __init__(self, quick: bool, work: Path):
+    def __init__(self, job: str, quick: bool, work: Path):
         common_decomposers.register()
         torch.set_num_threads(os.cpu_count() or 1)
-        self.quick, self.work, self.sizes = quick, work, QUICK if quick else FULL
+        self.name, self.quick, self.work, self.sizes = job, quick, work, SIZES[job][1 if quick else 0]
         shutil.rmtree(work, ignore_errors=True)
-        generate_data(work, self.sizes)
-        self.sites = [site_config(work, site) for site in SITES]
-        self.pooled = site_config(work, "pooled")
+        generate_data(job, work, self.sizes)
+        self.sites = [site_config(job, work, site) for site in SITES]
+        self.pooled = site_config(job, work, "pooled")
         self._evaluators, self._dense = {}, {}
 
     def job(self, name: str, profiles: list[str]) -> JobConfig:
-        return job_config(self.work, name, profiles, self.sizes, self.quick)
+        return job_config(self.name, self.work, name, profiles, self.sizes, self.quick)
 
     def evaluator(self, job: JobConfig):
         """A trainer over the pooled data, only its ``evaluate`` used (the same validation set for every side)."""
         if job.config_dir not in self._evaluators:
-            self._evaluators[job.config_dir] = trainer_module().build(job, self.pooled, torch.device("cpu"))
+            self._evaluators[job.config_dir] = trainer_module(job).build(job, self.pooled, torch.device("cpu"))
         return self._evaluators[job.config_dir]
 
     def dense(self, name: str, job: JobConfig) -> Outcome:
@@ -267,20 +327,26 @@ class Setup:
             self._dense[name] = fedavg(job, self.sites, self.evaluator(job), Channel, self.sizes)
         return self._dense[name]
 
-    def describe(self) -> str:
-        s = self.sizes
-        return (f"CXR DenseNet-121 at {s.pixels} px, 2 sites x ({s.n_train} train + {s.n_val} val) studies, "
-                f"signal {s.signal}, {s.rounds} rounds x 1 local epoch, seed {SEED}")  # fmt: skip
+    def describe(self, job: JobConfig) -> str:
+        s, network = self.sizes, job.network["path"].rsplit(".", 1)[1]
+        epochs = job.client["trainer"]["local_epochs"]
+        data = {CXR: f"CXR {network} at {s.size} px, 2 sites x ({s.n_train} train + {s.n_val} val) studies, "
+                     f"signal {s.signal}",
+                "ct_segmentation": f"CT {network}, 2 sites x ({s.n_train} train + {s.n_val} val) volumes of "
+                                   f"{s.size}^3 voxels",
+                "lung_nodule_detection": f"LUNA16 {network}, 2 sites x ({s.n_train} train + {s.n_val} "
+                                         f"val) series of {s.size}x{s.size}x{s.size // 2} voxels"}[self.name]  # fmt: skip
+        return f"{data}, {s.rounds} rounds x {epochs} local epochs, seed {SEED}"
 
 
 _setups: dict = {}
 
 
-def setup(quick: bool, work: Path) -> Setup:
-    """One Setup per bench run (the rows of this module share it)."""
-    key = (quick, work.parent)
+def setup(job: str, quick: bool, work: Path) -> Setup:
+    """One Setup per job and bench run (the rows of this module share it)."""
+    key = (job, quick, work.parent)
     if key not in _setups:
-        _setups[key] = Setup(quick, work.parent / "learning")
+        _setups[key] = Setup(job, quick, work.parent / "learning" / job)
     return _setups[key]
 
 
@@ -288,15 +354,17 @@ def setup(quick: bool, work: Path) -> Setup:
 
 
 def federated(quick: bool, work: Path) -> list[Measurement]:
-    """Row 1: FedAvg against centralized training on the pooled data. Target: >= 0.98 x centralized."""
-    s = setup(quick, work)
-    job = s.job("demo", ["demo"])
-    fl, central = s.dense("demo", job), centralized(job, s.pooled, s.sizes)
-    ratio = fl.metric / central.metric
-    return [Measurement("federated", f"{job.key_metric} of FedAvg; reference: the same network trained centralized on "
-                        f"the pooled data for as many epochs; {s.describe()}", fl.metric, job.key_metric,
-                        target=">= 0.98 x centralized", met=ratio >= 0.98, reference=central.metric,
-                        reference_what="centralized", samples=fl.curve)]  # fmt: skip
+    """Row 1: FedAvg against centralized training on the pooled data, per job. Target: >= 0.98 x centralized."""
+    rows = []
+    for name in SIZES:
+        s = setup(name, quick, work)
+        job = s.job("demo", ["demo"])
+        fl, central = s.dense("demo", job), centralized(job, s.pooled, s.sizes)
+        rows.append(Measurement("federated", f"{job.key_metric} of FedAvg; reference: the same network trained "
+                                f"centralized on the pooled data for as many epochs; {s.describe(job)}", fl.metric,
+                                job.key_metric, target=">= 0.98 x centralized", met=fl.metric >= 0.98 * central.metric,
+                                reference=central.metric, reference_what="centralized", samples=fl.curve))  # fmt: skip
+    return rows
 
 
 BANDWIDTH_OPTIONS = {
@@ -309,10 +377,10 @@ def bandwidth(quick: bool, work: Path) -> list[Measurement]:
     """Row 3: bytes a site sends per round and the final metric of each option against dense updates. Target: an
     option at <= 0.25 x dense bytes and >= 0.97 x the dense metric. NVFlare's 8-bit and 4-bit quantizers
     (blockwise8, float4, normfloat4) run on CUDA only (bitsandbytes on a GPU): not measurable on this machine."""
-    s = setup(quick, work)
+    s = setup(CXR, quick, work)
     job = s.job("demo", ["demo"])
     dense = s.dense("demo", job)
-    rows = [Measurement("bandwidth", f"bytes a site sends per round, dense; {s.describe()}", dense.sent_bytes / 1e6,
+    rows = [Measurement("bandwidth", f"bytes a site sends per round, dense; {s.describe(job)}", dense.sent_bytes / 1e6,
                         "MB")]  # fmt: skip
     for option, channel in BANDWIDTH_OPTIONS.items():
         out = fedavg(job, s.sites, s.evaluator(job), channel, s.sizes)
@@ -333,16 +401,17 @@ DP = {"delta": 1e-5, "max_grad_norm": 1.0}
 def dp(quick: bool, work: Path) -> list[Measurement]:
     """Row 4: FedAvg with record-level DP-SGD at every site (epsilon 8 and 1 over the whole job) against the same
     network (the dp profile: GroupNorm, no in-place activations) without DP. Target: >= 0.90 x at epsilon 8."""
-    s = setup(quick, work)
+    s = setup(CXR, quick, work)
     job = s.job("dp", ["demo", "dp"])
     plain = s.dense("dp", job)
     rows = []
     for epsilon in (8, 1):
-        sites = [site_config(s.work, site, {"epsilon": epsilon, **DP}) for site in SITES]
+        sites = [site_config(CXR, s.work, site, {"epsilon": epsilon, **DP}) for site in SITES]
         out = fedavg(job, sites, s.evaluator(job), Channel, s.sizes)
         target = {"target": ">= 0.90 x no DP", "met": out.metric >= 0.90 * plain.metric} if epsilon == 8 else {}
         rows.append(Measurement("dp", f"{job.key_metric}, DP-SGD at every site, epsilon {epsilon} (delta "
-                                f"{DP['delta']:g}, clip {DP['max_grad_norm']:g}); GroupNorm {s.describe()}",
+                                f"{DP['delta']:g}, clip {DP['max_grad_norm']:g}); the dp profile's GroupNorm "
+                                f"network; {s.describe(job)}",
                                 out.metric, job.key_metric, reference=plain.metric, reference_what="no DP",
                                 samples=out.curve, **target))  # fmt: skip
     return rows
