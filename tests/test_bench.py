@@ -17,7 +17,7 @@ def bench(tmp_path, *args):
 
 def test_an_unknown_row_is_refused(tmp_path):
     run = bench(tmp_path, "ONLY=nothing")
-    rows = "federated, bandwidth, dp, overhead, operations"
+    rows = "federated, bandwidth, dp, overhead, operations, demo"
     assert run.returncode != 0 and f"ONLY=nothing: no row nothing (rows: {rows})" in run.stderr, run.stderr
 
 
@@ -65,3 +65,14 @@ def test_the_overhead_row_times_rounds_of_this_projects_job_and_of_a_stock_nvfla
     assert row["reference_what"] == "stock NVFlare" and len(row["samples"]) == 2  # rounds 1 and 2 of 4
     # a round of either job takes longer than its slowest site's compute: orchestration is never free
     assert row["value"] > 0 and row["reference"] > 0, row
+
+
+def test_the_demo_row_times_make_demo_and_samples_the_federations_memory(tmp_path):
+    run = bench(tmp_path, "ONLY=demo", "QUICK=1")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    duration, pss, rss = json.loads((tmp_path / "results" / "bench.json").read_text())["rows"]
+    assert duration["what"].startswith("`make demo JOB=cxr_classification`") and duration["value"] > 0, duration
+    # server, two sites, their job processes and trainers: several processes, each at least tens of MB
+    processes = int(pss["what"].split("(")[1].split(" at most")[0])
+    assert processes >= 5 and 0.1 < pss["value"] <= rss["value"], (pss, rss)
+    assert (tmp_path / "workspace" / "bench" / "demo" / "models" / "cxr_classification" / "best_model.json").is_file()
