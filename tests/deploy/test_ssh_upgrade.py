@@ -94,7 +94,8 @@ def test_upgrade_rolls_a_patch_release_out_one_participant_at_a_time_between_job
     finally:
         run("abort.sh", job_id, env=env, coordinator=True, check=False)
         out, _ = job.communicate(timeout=300)
-    assert "FINISHED:ABORTED" in out and "Round 1 finished" in out, out[-3000:]
+    # Round AFTER (0-based) is the first that finished after the refusal: round 0 when the refusal came that early.
+    assert "FINISHED:ABORTED" in out and f"Round {after} finished" in out, out[-3000:]
     for name in native:
         assert participant_path(deployed, name).startswith(f"{VENVS}/{env_id}/bin:"), name  # not restarted in the job
     until(lambda: on_host(deployed, site, f"/opt/hcls-flare/{site}/flarectl.sh jobs").stdout.strip() == "")
