@@ -17,7 +17,7 @@ def bench(tmp_path, *args):
 
 def test_an_unknown_row_is_refused(tmp_path):
     run = bench(tmp_path, "ONLY=nothing")
-    rows = "federated, bandwidth, dp, overhead, operations, demo"
+    rows = "federated, bandwidth, dp, overhead, operations, demo, recovery"
     assert run.returncode != 0 and f"ONLY=nothing: no row nothing (rows: {rows})" in run.stderr, run.stderr
 
 
@@ -76,3 +76,14 @@ def test_the_demo_row_times_make_demo_and_samples_the_federations_memory(tmp_pat
     processes = int(pss["what"].split("(")[1].split(" at most")[0])
     assert processes >= 5 and 0.1 < pss["value"] <= rss["value"], (pss, rss)
     assert (tmp_path / "workspace" / "bench" / "demo" / "models" / "cxr_classification" / "best_model.json").is_file()
+
+
+def test_the_recovery_row_times_a_killed_server_and_a_frozen_site_back_to_training(tmp_path):
+    run = bench(tmp_path, "ONLY=recovery", "QUICK=1")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    started, aggregated, site = json.loads((tmp_path / "results" / "bench.json").read_text())["rows"]
+    assert started["what"].startswith("server kill -9 mid-round -> a round started again"), started
+    assert aggregated["what"].startswith("server kill -9 mid-round -> the first round after it aggregated"), aggregated
+    assert site["what"].startswith("site frozen (SIGSTOP)"), site
+    # the kit's loop restarts the server and the job resumes within minutes; a thawed site is back within a few rounds
+    assert 0 < started["value"] < aggregated["value"] < 300 and 0 < site["value"] < 300, (started, aggregated, site)

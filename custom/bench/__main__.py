@@ -4,11 +4,12 @@ import argparse
 import time
 from pathlib import Path
 
-from . import demo, learning, operations, overhead, table
+from . import demo, learning, operations, overhead, recovery, table
 
 # each row: run(quick, work) -> list[Measurement]
 ROWS = {"federated": learning.federated, "bandwidth": learning.bandwidth, "dp": learning.dp,
-        "overhead": overhead.run, "operations": operations.run, "demo": demo.run}  # fmt: skip
+        "overhead": overhead.run, "operations": operations.run, "demo": demo.run,
+        "recovery": recovery.run}  # fmt: skip
 REPO = Path(__file__).resolve().parents[2]
 
 

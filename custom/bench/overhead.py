@@ -45,14 +45,8 @@ SITE_COMPUTE = re.compile(r"round (\d+): .*compute ([0-9.]+)s")
 
 def run(quick: bool, work: Path) -> list[Measurement]:
     rounds = QUICK_ROUNDS if quick else ROUNDS
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    env = {**os.environ, **DATA, "HCLS_WORKSPACE": str(work / "workspace"), "MODELS_DIR": str(work / "models"),
-           "HCLS_SITE_CONFIGS": str(work / "site_configs")}  # fmt: skip
-    env.pop("INVENTORY", None)  # the local federation's
     log = work / "overhead.log"
-    for step in (["provision.sh"], ["generate_data.sh", "cxr_classification"], ["deploy.sh"]):
-        timed([SCRIPTS / step[0], *step[1:]], env, REPO, log)
+    env = deploy_local(work, log)
     rows = []
     try:
         network = job_network()
@@ -70,6 +64,19 @@ def run(quick: bool, work: Path) -> list[Measurement]:
     finally:
         timed([SCRIPTS / "control.sh", "stop"], env, REPO, log)
     return rows
+
+
+def deploy_local(work: Path, log: Path) -> dict:
+    """Provision and deploy the local federation in a fresh WORK folder, with small CXR data at each site; the
+    environment for the project's scripts (their output goes to LOG)."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    env = {**os.environ, **DATA, "HCLS_WORKSPACE": str(work / "workspace"), "MODELS_DIR": str(work / "models"),
+           "HCLS_SITE_CONFIGS": str(work / "site_configs")}  # fmt: skip
+    env.pop("INVENTORY", None)  # the local federation's
+    for step in (["provision.sh"], ["generate_data.sh", "cxr_classification"], ["deploy.sh"]):
+        timed([SCRIPTS / step[0], *step[1:]], env, REPO, log)
+    return env
 
 
 def job_network() -> dict:

@@ -39,7 +39,7 @@ ROUND_KEY = "round"  # the key of the global model file that names the round it 
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
