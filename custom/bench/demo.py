@@ -10,6 +10,7 @@ them, so each is counted once) and RSS (shared pages counted in each process); t
 QUICK: the CXR job alone on small data (no target)."""
 
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -90,6 +91,12 @@ class MemorySampler(threading.Thread):
         self.join()
 
 
+def steps(log: str) -> list[tuple[str, int]]:
+    """(step, seconds it took) of each step of a demo.sh log (its ``== <step> (<seconds since start>s)`` lines)."""
+    marks = [(m.group(1), int(m.group(2))) for m in re.finditer(r"^== (.+) \((\d+)s\)$", log, re.MULTILINE)]
+    return [(step, marks[i + 1][1] - at) for i, (step, at) in enumerate(marks[:-1])]
+
+
 def run(quick: bool, work: Path) -> list[Measurement]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -104,6 +111,8 @@ def run(quick: bool, work: Path) -> list[Measurement]:
         seconds = timed([REPO / "scripts" / "demo.sh", "", jobs], env, REPO, work / "demo.log")
     finally:
         sampler.stop()
+    for step, took in steps((work / "demo.log").read_text()):
+        print(f"bench:   {step}: {took} s", flush=True)
     for process, pss in sorted(sampler.peak_detail.items(), key=lambda item: -item[1]):
         print(f"bench:   at the memory peak: {process} PSS {pss / 1e9:.2f} GB", flush=True)
     what = ("`make demo JOB=cxr_classification`, small data (QUICK)" if quick else
