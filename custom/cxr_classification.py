@@ -32,7 +32,10 @@ never reaches a record), and a label that the site lists in ``privacy.blocked_da
 
 Differential privacy, when the site config requires it (``privacy.differential_privacy``), is
 record-level DP-SGD with Opacus (``hcls.dp_sgd.make_private``) over all rounds and local epochs of the
-job; it needs a network without batch normalisation or in-place activations (``profiles/dp.json``).
+job. Opacus trains no batch norm (it mixes a batch's samples) and no in-place activation: either the network
+swaps them (``profiles/dp.json``: GroupNorm, trained from scratch) or it is fine-tuned from pre-trained weights with
+its batch norms frozen (``profiles/dp_pretrained.json``: ``trainer.freeze_batch_norm``, ``trainer.trained_layers``,
+``hcls.training.train_only``), the recipe that keeps the accuracy (README, row ``dp``).
 
 Key metric (``val_auc`` in the job config): ROC AUC per label, averaged over the labels that have both
 classes among their (unmasked) validation rows.
@@ -58,7 +61,7 @@ from hcls.components import build_by_name, build_optimizer
 from hcls.dp_sgd import make_private
 from hcls.job_config import JobConfig
 from hcls.site_config import SiteConfig
-from hcls.training import Trainer, train_epochs
+from hcls.training import Trainer, train_epochs, train_only
 
 JOB_NAME = "cxr_classification"
 REQUIRED_KEYS = (
@@ -253,7 +256,9 @@ def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     val_loader = make_loader(val_records, trainer, train=False)
 
     model = job.build_network().to(device)
-    optimizer = build_optimizer(trainer, job.client_path, model.parameters())
+    trained = train_only(model, trainer.get("trained_layers"), trainer.get("freeze_batch_norm", False),
+                         f"{job.client_path}: trainer.trained_layers")  # fmt: skip
+    optimizer = build_optimizer(trainer, job.client_path, trained)
     loss_fn = build_by_name(torch.nn, trainer["loss"], job.client_path, "loss", reduction="none")
     dp_accounting = None
     if site.dp_policy:

@@ -36,7 +36,7 @@ def test_the_learning_rows_measure_fedavg_against_centralized_per_job_bandwidth_
     run = bench(tmp_path, "ONLY=federated,bandwidth,dp", "QUICK=1")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads((tmp_path / "results" / "bench.json").read_text())["rows"]
-    assert [r["row"] for r in rows] == ["federated"] * 3 + ["bandwidth"] * 11 + ["dp"] * 2
+    assert [r["row"] for r in rows] == ["federated"] * 3 + ["bandwidth"] * 11 + ["dp"] * 3
     *federated, dense_bytes = rows[:4]
     options = rows[4:14]
     # each job's key metric, FedAvg against the pooled data, one value per round (CXR 2 rounds, the 3D jobs 1)
@@ -52,9 +52,11 @@ def test_the_learning_rows_measure_fedavg_against_centralized_per_job_bandwidth_
     assert sent["top-k 1 %"] < sent["top-k 10 %"] < 0.25 and 0.45 < sent["float16"] < 0.55, sent
     assert sent["float16 + top-k 10 %"] < sent["top-k 10 %"], sent
     assert all(r["reference"] == federated["value"] for r in options[1::2])  # dense FedAvg, run once
-    epsilon8, epsilon1 = rows[14:]
-    assert epsilon8["reference"] == epsilon1["reference"] and epsilon8["target"] == ">= 0.90 x no DP"
-    assert "epsilon 8" in epsilon8["what"] and "epsilon 1" in epsilon1["what"] and "GroupNorm" in epsilon8["what"]
+    # DP: the pre-trained network's metric, then DP fine-tuning at epsilon 8 and 1, all against fine-tuning without DP
+    pretrained, epsilon8, epsilon1 = rows[14:]
+    assert pretrained["reference"] == epsilon8["reference"] == epsilon1["reference"] and 0 <= pretrained["value"] <= 1
+    assert pretrained["what"].startswith("val_auc of the pre-trained network") and epsilon8["target"] == ">= 0.90 x no DP"
+    assert "epsilon 8" in epsilon8["what"] and "epsilon 1" in epsilon1["what"] and "dp_pretrained" in epsilon8["what"]
 
 
 def test_the_overhead_row_times_rounds_of_this_projects_job_and_of_a_stock_nvflare_job(tmp_path):

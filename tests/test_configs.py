@@ -43,7 +43,11 @@ def built(tmp_path_factory):
 
     def build(job: str, profile: str = "") -> Path:
         if (job, profile) not in cache:
-            cache[job, profile] = job_builder.write_job(job_builder.resolve(job, profile), root / f"{job}-{profile}")
+            config = job_builder.resolve(job, profile)
+            persistor = component(config["server"], "persistor")["args"]
+            if "source_ckpt_file_full_name" in persistor:  # pre-trained weights (generated, not in git): on the server
+                persistor["source_ckpt_file_full_name"] = str(root / persistor["source_ckpt_file_full_name"])
+            cache[job, profile] = job_builder.write_job(config, root / f"{job}-{profile}")
         return cache[job, profile]
 
     return build
@@ -162,6 +166,7 @@ def test_profiles_keep_the_architecture(built, job, profile):
     production = JobConfig.from_job_folder(built(job)).network
     if profile == "dp":  # the DP variant swaps only batch norm and in-place activations (Opacus)
         assert network["args"].pop("norm") == ["group", {"num_groups": 32}]
+    if profile.startswith("dp"):  # dp_pretrained keeps batch norm (frozen in eval mode)
         assert network["args"].pop("act") == ["relu", {"inplace": False}]
     assert network == production
 
@@ -226,10 +231,36 @@ def test_bad_layers_are_named(tmp_path):
     bad.write_text('{"server": {"workflows": [{"id": "fedavgg", "remove": true}]}}')
     with pytest.raises(job_builder.BuildError, match=r"server.workflows\[id=fedavgg\]: cannot remove it"):
         job_builder.resolve("cxr_classification", str(bad))
-    with pytest.raises(job_builder.BuildError, match="no profile 'nope' for cxr_classification .* profiles: demo, dp, he"):
+    with pytest.raises(job_builder.BuildError, match="no profile 'nope' for cxr_classification .* profiles: demo, dp, dp_pretrained, he"):
         job_builder.resolve("cxr_classification", "nope")
     with pytest.raises(job_builder.BuildError, match="unknown JOB 'cxr'"):
         job_builder.resolve("cxr")
+
+
+def test_pre_trained_weights_named_by_a_profile_must_exist_inside_custom(tmp_path):
+    for name, message in (("pretrained/no-such-weights.pt", "no file custom/pretrained/no-such-weights.pt"),
+                          ("../state/weights.pt", "a relative name may not contain '..'")):  # fmt: skip
+        profile = tmp_path / "profile.json"
+        profile.write_text(json.dumps({"server": {"components": [
+            {"id": "persistor", "args": {"source_ckpt_file_full_name": name}}]}}))  # fmt: skip
+        config = job_builder.resolve("cxr_classification", str(profile))
+        with pytest.raises(job_builder.BuildError, match=re.escape(
+                f"server component persistor: args.source_ckpt_file_full_name {name!r}: {message}")):  # fmt: skip
+            job_builder.write_job(config, tmp_path / "job")
+        assert not (tmp_path / "job").exists()
+
+
+def test_pre_trained_weights_named_relatively_travel_inside_the_job(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"  # a repository whose custom/ holds the job's package and the weights
+    (repo / "custom" / "pretrained").mkdir(parents=True)
+    (repo / "custom" / "hcls").symlink_to(REPO / "custom" / "hcls")
+    (repo / "custom" / "pretrained" / "cxr_classification.pt").write_bytes(b"weights")
+    config = job_builder.resolve("cxr_classification", "dp_pretrained")
+    monkeypatch.setattr(job_builder, "REPO", repo)
+    job = job_builder.write_job(config, tmp_path / "job")
+    assert (job / "app" / "custom" / "pretrained" / "cxr_classification.pt").read_bytes() == b"weights"
+    persistor = component(json.loads((job / "app" / "config" / "config_fed_server.json").read_text()), "persistor")
+    assert persistor["args"]["source_ckpt_file_full_name"] == "pretrained/cxr_classification.pt"  # NVFlare: in custom/
 
 
 def test_fewer_sites_is_a_job_option_and_bad_fault_settings_are_named(tmp_path):

@@ -183,9 +183,13 @@ class RoundPersistor(PTFileModelPersistor):
         self.saved_round = None
 
     def load_model(self, fl_ctx: FLContext):
-        if os.path.isfile(self._ckpt_save_path):  # left by an interrupted run of this job
-            self.ckpt_preload_path = self._ckpt_save_path
-        learnable = super().load_model(fl_ctx)
+        source = self.source_ckpt_file_full_name  # pre-trained initial weights, if any
+        if os.path.isfile(self._ckpt_save_path):  # left by an interrupted run of this job: it wins over them
+            self.ckpt_preload_path, self.source_ckpt_file_full_name = self._ckpt_save_path, None
+        try:
+            learnable = super().load_model(fl_ctx)
+        finally:
+            self.source_ckpt_file_full_name = source
         if self.persistence_manager is not None:
             self.saved_round = self.persistence_manager.other_props.get(ROUND_KEY)
         return learnable

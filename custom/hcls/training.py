@@ -21,6 +21,41 @@ class Trainer:
     dp_accounting: Callable[[], dict] | None = None  # DP meta of each result (hcls.dp_sgd.Accounting) when the site runs DP
 
 
+def train_only(model: torch.nn.Module, trained_layers: list[str] | None, freeze_batch_norm: bool, where: str):
+    """Fine-tuning: train only the parameters under ``trained_layers`` (module names, e.g. ``features.denseblock4``;
+    None or empty: all), and with ``freeze_batch_norm`` none of a batch norm's. A batch norm none of whose parameters
+    is trained is frozen whole: ``set_train_mode`` keeps it in eval mode, normalising with its stored statistics (a
+    fixed per-channel affine map, which DP-SGD accepts: it no longer mixes the samples of a batch). Returns the
+    trained parameters; ValueError naming ``where`` (file and field) for a name that is not one of the model's
+    modules."""
+    names = dict(model.named_modules())
+    unknown = [name for name in trained_layers or [] if name not in names]
+    if unknown:
+        raise ValueError(f"{where}: {', '.join(map(repr, unknown))} not a module of {type(model).__name__}")
+    if trained_layers:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for name in trained_layers:
+            for param in names[name].parameters():
+                param.requires_grad_(True)
+    if freeze_batch_norm:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                for param in module.parameters():
+                    param.requires_grad_(False)
+    return [param for param in model.parameters() if param.requires_grad]
+
+
+def set_train_mode(model: torch.nn.Module) -> None:
+    """``model.train()``, except for batch norms none of whose parameters is trained (``train_only``): eval mode."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
+            param.requires_grad for param in module.parameters()
+        ):
+            module.eval()
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -33,7 +68,7 @@ def train_epochs(
     ``scaler``: a ``torch.amp.GradScaler`` for mixed precision; ``scheduler``: a learning-rate scheduler
     stepped after every optimizer step. Returns the mean batch loss and the number of optimizer steps.
     """
-    model.train()
+    set_train_mode(model)
     total, steps = 0.0, 0
     for _ in range(epochs):
         for batch in loader:

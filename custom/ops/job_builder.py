@@ -18,7 +18,9 @@ server config's ``{min_clients}``) defaults to the number of client sites: every
 round. A layer may lower ``"server": {"min_clients": N}`` so that the job goes on with fewer sites; a round
 waits at most ``server.train_timeout`` seconds for them (see ``check_fault_tolerance``). The job's code is
 ``custom/*.py`` and the ``custom/hcls`` package; the site's own code (``custom/site_privacy``), the server's
-(``custom/job_recovery``), the data generators and this tooling never travel with a job.
+(``custom/job_recovery``), the data generators and this tooling never travel with a job. Pre-trained initial
+weights named by the persistor's ``source_ckpt_file_full_name`` as a relative path travel with the job from
+``custom/<that path>`` (NVFlare reads a relative name in the job's ``custom/`` folder; an absolute one on the server).
 """
 
 import argparse
@@ -198,7 +200,9 @@ def _remove_markers(value, where):
 
 
 def write_job(config: dict, out: Path) -> Path:
-    """A complete NVFlare job folder: meta.json, app/config/*.json, app/custom/ (the job's code)."""
+    """A complete NVFlare job folder: meta.json, app/config/*.json, app/custom/ (the job's code and pre-trained
+    weights it names)."""
+    checkpoint = source_checkpoint(config)
     if out.exists():
         shutil.rmtree(out)
     (out / "app" / "config").mkdir(parents=True)
@@ -211,7 +215,26 @@ def write_job(config: dict, out: Path) -> Path:
         shutil.copy(script, custom / script.name)
     for package in JOB_PACKAGES:
         shutil.copytree(REPO / "custom" / package, custom / package, ignore=shutil.ignore_patterns("__pycache__"))
+    if checkpoint is not None and not Path(checkpoint).is_absolute():
+        (custom / checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "custom" / checkpoint, custom / checkpoint)
     return out
+
+
+def source_checkpoint(config: dict) -> str | None:
+    """The persistor's ``source_ckpt_file_full_name`` (pre-trained initial weights), checked: a relative name must
+    stay inside custom/ and exist there. BuildError naming the field otherwise."""
+    persistor = next((c for c in config["server"].get("components", []) if c.get("id") == "persistor"), {})
+    name = persistor.get("args", {}).get("source_ckpt_file_full_name")
+    if name is None or Path(name).is_absolute():
+        return name
+    where = "server component persistor: args.source_ckpt_file_full_name"
+    if ".." in Path(name).parts:
+        raise BuildError(f"{where} {name!r}: a relative name may not contain '..'")
+    if not (REPO / "custom" / name).is_file():
+        raise BuildError(f"{where} {name!r}: no file custom/{name} (the pre-trained weights: a state_dict of the "
+                         "job's network, saved with torch.save)")  # fmt: skip
+    return name
 
 
 def main(argv=None) -> int:

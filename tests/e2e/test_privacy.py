@@ -250,6 +250,33 @@ def test_dp_job_spends_within_budget_and_a_site_skipping_dp_is_blocked(deployed,
     dp_network.load_state_dict(torch.load(best, weights_only=True), strict=True)
 
 
+def test_dp_fine_tuning_starts_from_pre_trained_weights_and_trains_only_the_named_layers(
+    deployed, env, tmp_path, site_policy
+):
+    """The dp_pretrained recipe on the real federation, DP required at both sites: the server starts from the
+    pre-trained weights the persistor names, the sites train denseblock4 and the classifier under DP-SGD with batch
+    norm frozen, and the best model keeps every other weight and every batch norm statistic as pre-trained."""
+    dp = {"differential_privacy": {"enabled": True, "epsilon": 8, "delta": 1e-5, "max_grad_norm": 1}}
+    site_policy({"hospital_a": dp, "hospital_b": dp})
+    network = DenseNet121(spatial_dims=2, in_channels=1, out_channels=18, act=("relu", {"inplace": False}))
+    network.load_state_dict({k: v + 0.01 if v.is_floating_point() else v for k, v in network.state_dict().items()})
+    pretrained = network.state_dict()
+    torch.save(pretrained, tmp_path / "pretrained.pt")  # an absolute name: read on the server (local here)
+    profile = json.loads((REPO / "job_configs/cxr_classification/profiles/dp_pretrained.json").read_text())
+    profile["server"]["components"][0]["args"]["source_ckpt_file_full_name"] = str(tmp_path / "pretrained.pt")
+    result, job_id = submit(env, build(env, job_builder.merge(TINY, profile, "test"), tmp_path / "build"))
+    assert "FINISHED:COMPLETED" in result.stdout, result.stdout[-3000:]
+    assert f"Loading checkpoint from {tmp_path / 'pretrained.pt'}" in server_job_log(env, job_id)
+    for site in ("hospital_a", "hospital_b"):
+        site_log = next((Path(env["HCLS_WORKSPACE"]) / "local" / site).glob(f"{job_id}/log.txt")).read_text()
+        assert re.search(r"DP epsilon \S+ spent by job \S+ at this site", site_log), site_log[-3000:]
+    run("fetch_model.sh", "cxr_classification", job_id, env=env)
+    best = torch.load(Path(env["MODELS_DIR"]) / "cxr_classification" / "best_model.pt", weights_only=True)
+    changed = {name for name, value in best.items() if not torch.equal(value, pretrained[name])}
+    assert "class_layers.out.weight" in changed and any(n.startswith("features.denseblock4.") for n in changed)
+    assert all(n.startswith(("features.denseblock4.", "class_layers.")) and ".norm" not in n for n in changed), changed
+
+
 def test_a_site_below_min_dataset_size_sends_no_update(deployed, env, tmp_path):
     manifest = Path(env["HCLS_WORKSPACE"]) / "data" / "hospital_a" / "chexpert" / "train.csv"
     original = manifest.read_text()

@@ -362,6 +362,38 @@ def test_build_returns_a_trainer_that_trains_and_evaluates(tmp_path, data_dir):
     assert set(trainer.evaluate()) == {"val_auc"}
 
 
+FINE_TUNE = {"client": {"trainer": {"trained_layers": ["features.denseblock4", "class_layers"], "freeze_batch_norm": True}}}
+DP_POLICY = {"min_dataset_size": 1, "differential_privacy": {"enabled": True, "epsilon": 8, "delta": 1e-5,
+                                                             "max_grad_norm": 1.0}}  # fmt: skip
+
+
+def test_dp_fine_tuning_trains_only_the_named_layers_and_keeps_batch_norm_frozen(tmp_path, data_dir):
+    """The dp_pretrained recipe: DP-SGD (Opacus) on the BatchNorm DenseNet-121 with its batch norms frozen in
+    eval mode and only the last dense block and the classifier trained; everything else, batch norm statistics
+    included, stays as the server sent it."""
+    job = build_job(tmp_path, "demo", job_builder.merge(TINY, FINE_TUNE, "test")
+                    | {"server": {"num_rounds": 2, "components": [{"id": "persistor", "args": {
+                        "model": {"args": {"act": ["relu", {"inplace": False}]}}}}]}})  # fmt: skip
+    site = write_site_config(tmp_path / "site_config.json", data_dir, DP_POLICY)
+    set_determinism(seed=0)
+    trainer = cxr.build(job, site, CPU)
+    initial = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    loss, steps = trainer.train()
+    assert math.isfinite(loss) and steps > 0 and trainer.dp_accounting()["dp_steps"] == steps
+    changed = {name for name, value in trainer.model.state_dict().items() if not torch.equal(value, initial[name])}
+    assert "class_layers.out.weight" in changed and "features.denseblock4.denselayer16.layers.conv2.weight" in changed
+    assert all(name.startswith(("features.denseblock4.", "class_layers.")) for name in changed)
+    assert not any(".norm" in name for name in changed)  # batch norm weights and running statistics
+
+
+def test_an_unknown_trained_layer_is_named_with_its_config_file(tmp_path, data_dir):
+    job = build_job(tmp_path, "demo", TINY | {"client": {"trainer": {"trained_layers": ["features.denseblock9"]}}})
+    site = write_site_config(tmp_path / "site_config.json", data_dir, {})
+    with pytest.raises(ValueError, match="config_fed_client.json: trainer.trained_layers: 'features.denseblock9' not a "
+                                         "module of DenseNet121"):  # fmt: skip
+        cxr.build(job, site, CPU)
+
+
 def test_trainer_reports_the_jobs_key_metric(tmp_path, data_dir):
     """The key metric is the job's (the server's model selector reads it), whatever it is named."""
     job = build_job(tmp_path, "demo", TINY | {"server": {"key_metric": "val_macro_auc"}})

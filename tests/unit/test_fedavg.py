@@ -91,6 +91,23 @@ def test_the_global_model_file_names_its_round_and_a_new_run_starts_from_it(tmp_
     assert all((loaded["weights"][k] == weights[k]).all() for k in weights)
 
 
+def test_a_job_starts_from_pre_trained_weights_and_resumes_from_its_own_round(tmp_path):
+    pretrained = {k: torch.full_like(v, 0.5) for k, v in torch.nn.Linear(3, 2).state_dict().items()}
+    torch.save(pretrained, tmp_path / "pretrained.pt")
+    app = tmp_path / "app"
+    persistor = RoundPersistor(model=dict(NET), source_ckpt_file_full_name=str(tmp_path / "pretrained.pt"))
+    persistor.handle_event(EventType.START_RUN, app_context(app))
+    first = persistor.load(app_context(app))
+    assert all((first["weights"][k] == 0.5).all() for k in pretrained)
+    persistor.save(make_model_learnable({k: v + 1.0 for k, v in first["weights"].items()}, {}), app_context(app, 2))
+
+    restarted = RoundPersistor(model=dict(NET), source_ckpt_file_full_name=str(tmp_path / "pretrained.pt"))
+    restarted.handle_event(EventType.START_RUN, app_context(app))
+    loaded = restarted.load(app_context(app))  # the interrupted run's round 2, not the pre-trained weights
+    assert restarted.saved_round == 2 and all((loaded["weights"][k] == 1.5).all() for k in pretrained)
+    assert restarted.source_ckpt_file_full_name == str(tmp_path / "pretrained.pt")
+
+
 def test_the_best_metric_survives_a_restart(tmp_path):
     (tmp_path / BEST_FILE).write_text(json.dumps({"round": 3, "value": 0.71, "raw_value": 0.71}))
     selector = BestModelSelector(key_metric="val_auc")
