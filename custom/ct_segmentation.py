@@ -65,6 +65,11 @@ Loss: ``trainer.loss`` looked up in ``monai.losses`` (a class ``weight`` list in
 needs ``len(labels) + 1`` values, background first). Optional trainer fields, read with
 these defaults when absent: ``crop_foreground`` (true) and ``cache_rate`` (1.0: the
 pre-processed volumes are cached in memory; lower it for large datasets).
+
+Differential privacy, when the site config requires it (``privacy.differential_privacy``): record-level DP-SGD
+with Opacus (``hcls.dp_sgd.make_private``) over all rounds and local epochs, one crop per volume (``num_samples``
+1, else the trainer stops), ReLUs not in place (``profiles/dp.json``) and each residual block's shortcut added
+out of place (``add_residuals_out_of_place``).
 """
 
 import hashlib
@@ -73,6 +78,7 @@ import json
 import math
 import re
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -82,11 +88,13 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, decollate_batch
 from monai.inferers import SlidingWindowInferer
+from monai.networks.blocks.segresnet_block import ResBlock
 from monai.metrics import DiceMetric
 from monai.transforms import AsDiscrete, Compose, EnsureTyped, RandCropByPosNegLabeld, RandShiftIntensityd, SpatialPadd
 
 from hcls import client_loop, data_check, transform_config
 from hcls.components import build_optimizer
+from hcls.dp_sgd import make_private
 from hcls.job_config import JobConfig
 from hcls.json_files import read_json
 from hcls.site_config import SiteConfig
@@ -824,6 +832,19 @@ def check_data(job: JobConfig, site: SiteConfig) -> dict:
     return summary
 
 
+def add_residuals_out_of_place(model: torch.nn.Module) -> None:
+    """Give every MONAI ``ResBlock`` of ``model`` a forward that adds its residual out of place. MONAI's adds it in
+    place onto ``conv2``'s output, which the backward hooks of DP-SGD's per-sample gradients (Opacus) forbid.
+    Same computation, same weights and ``state_dict``."""
+
+    def forward(block, x):
+        return block.conv2(block.act(block.norm2(block.conv1(block.act(block.norm1(x)))))) + x
+
+    for module in model.modules():
+        if isinstance(module, ResBlock):
+            module.forward = types.MethodType(forward, module)
+
+
 def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     trainer = load_settings(job)
     labels = trainer["labels"]
@@ -838,15 +859,29 @@ def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     model = job.build_network().to(device)
     optimizer = build_optimizer(trainer, job.client_path, model.parameters())
     loss_fn = build_loss(trainer, job.client_path).to(device)
+    dp_accounting = None
+    if site.dp_policy:
+        if trainer["num_samples"] != 1:
+            raise ValueError(
+                f"{job.client_path}: trainer.num_samples is {trainer['num_samples']}, and this site requires "
+                f"differential privacy ({site.path}): record-level DP-SGD needs one crop per volume (num_samples 1)"
+            )
+        add_residuals_out_of_place(model)
+        epochs = job.num_rounds * trainer["local_epochs"]
+        optimizer, train_loader, dp_accounting = make_private(model, optimizer, train_loader, site.dp_policy, epochs)
 
     def batch_loss(batch):
-        return loss_fn(model(batch["image"].to(device)), batch["label"].to(device))
+        logits = model(batch["image"].to(device))
+        if logits.shape[0] == 0:  # DP-SGD's Poisson sampling drew no volume: no loss, no step
+            return logits.sum()
+        return loss_fn(logits, batch["label"].to(device))
 
     return Trainer(
         model=model,
         train=lambda: train_epochs(model, train_loader, optimizer, batch_loss, trainer["local_epochs"]),
         evaluate=lambda: evaluate(model, val_loader, inferer, labels, device, job.key_metric),
         n_train=len(train_records),
+        dp_accounting=dp_accounting,
     )
 
 

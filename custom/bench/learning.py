@@ -2,8 +2,8 @@
 trainers' own code.
 
 Every side is built by the job's trainer (``<job>.build``: its data reading, network, loss, optimizer, DP-SGD)
-from the job configuration that ``make submit`` would send (job_configs/ with the demo profile, plus the dp
-profile for the DP row), on data generated in the project's layouts for two sites (seeds 1 and 2). FedAvg runs
+from the job configuration that ``make submit`` would send (job_configs/ with the demo profile, plus the DP
+profiles for the DP row), on data generated in the project's layouts for two sites (seeds 1 and 2). FedAvg runs
 in this one process: each site's trainer starts the round from the global weights, trains its local epochs and
 sends its update (a ``WEIGHT_DIFF`` DXO) through the same filters the job configures (``sparse_update``, NVFlare's
 ``ModelQuantizer``/``ModelDequantizer``); NVFlare's ``WeightedAggregationHelper`` averages the updates weighted by
@@ -15,7 +15,7 @@ Every model is evaluated on the same validation set, both sites' validation case
 metric after the last round (the metric after each round is in ``samples``). Centralized training trains the same
 network from the same initial weights on both sites' training cases pooled, as many local epochs per round as
 FedAvg (the same number of passes over the data). One seed per run (SEED): the table states it. Row
-"federated" runs each of the three jobs; rows "bandwidth" and "dp" the CXR job.
+"federated" runs each of the three jobs; row "bandwidth" the CXR job; row "dp" the CXR and CT jobs.
 """
 
 import importlib
@@ -434,9 +434,11 @@ def pretrain(s: Setup) -> tuple[Path, float]:
 
 def dp(quick: bool, work: Path) -> list[Measurement]:
     """Row 4: FedAvg with record-level DP-SGD at every site (epsilon 8 and 1 over the whole job) against the same
-    network and recipe without DP. The recipe (the dp_pretrained profile): the BatchNorm DenseNet-121 pre-trained
-    without DP on public data, then fine-tuned at the sites with its batch norms frozen in eval mode and only the
-    last dense block and the classifier trained. Target: >= 0.90 x no DP at epsilon 8."""
+    network and recipe without DP. Target: >= 0.90 x no DP at epsilon 8.
+
+    CXR, the dp_pretrained profile: the BatchNorm DenseNet-121 pre-trained without DP on public data, then
+    fine-tuned at the sites with its batch norms frozen in eval mode and only the last dense block and the
+    classifier trained. CT, the dp profile: SegResNet (GroupNorm) from scratch, one crop per volume."""
     s = setup(CXR, quick, work)
     checkpoint, start = pretrain(s)
     job = s.job("dp_pretrained", ["demo", "dp_pretrained"], checkpoint)
@@ -445,14 +447,22 @@ def dp(quick: bool, work: Path) -> list[Measurement]:
     plain = s.dense("dp_pretrained", job)
     rows = [Measurement("dp", f"{job.key_metric} of the pre-trained network before fine-tuning ({public})", start,
                         job.key_metric, reference=plain.metric, reference_what="fine-tuned, no DP")]  # fmt: skip
+    rows += dp_runs(s, job, plain, f"the dp_pretrained profile: DenseNet-121 {public}, fine-tuned with batch norm "
+                                   "frozen, denseblock4 and the classifier trained")  # fmt: skip
+    ct = setup("ct_segmentation", quick, work)
+    job = ct.job("dp", ["demo", "dp"])
+    return rows + dp_runs(ct, job, ct.dense("dp", job), "the dp profile: SegResNet, one crop per volume")
+
+
+def dp_runs(s: Setup, job: JobConfig, plain: Outcome, recipe: str) -> list[Measurement]:
+    """FedAvg of ``job`` with DP-SGD at every site at epsilon 8 and 1, against ``plain`` (the same without DP)."""
+    rows = []
     for epsilon in (8, 1):
-        sites = [site_config(CXR, s.work, site, {"epsilon": epsilon, **DP}) for site in SITES]
+        sites = [site_config(s.name, s.work, site, {"epsilon": epsilon, **DP}) for site in SITES]
         out = fedavg(job, sites, s.evaluator(job), Channel, s.sizes)
         target = {"target": ">= 0.90 x no DP", "met": out.metric >= 0.90 * plain.metric} if epsilon == 8 else {}
         rows.append(Measurement("dp", f"{job.key_metric}, DP-SGD at every site, epsilon {epsilon} (delta "
-                                f"{DP['delta']:g}, clip {DP['max_grad_norm']:g}); the dp_pretrained profile: "
-                                f"DenseNet-121 {public}, fine-tuned with batch norm frozen, denseblock4 and the "
-                                f"classifier trained; {s.describe(job)}",
+                                f"{DP['delta']:g}, clip {DP['max_grad_norm']:g}); {recipe}; {s.describe(job)}",
                                 out.metric, job.key_metric, reference=plain.metric, reference_what="no DP",
                                 samples=out.curve, **target))  # fmt: skip
     return rows

@@ -317,7 +317,8 @@ def test_build_returns_a_trainer_that_trains_and_evaluates(tmp_path, data_dir):
     }  # fmt: skip
     job = build_job(tmp_path, "demo", small)
     site_config = tmp_path / "site_config.json"
-    site_config.write_text(json.dumps({"data_root": str(data_dir.parent), "datasets": {ct.JOB_NAME: data_dir.name}}))
+    site_config.write_text(json.dumps({"data_root": str(data_dir.parent), "datasets": {ct.JOB_NAME: data_dir.name},
+                                       "privacy": {}}))  # fmt: skip
     set_determinism(seed=0)
     trainer = ct.build(job, SiteConfig(site_config), torch.device("cpu"))
     assert isinstance(trainer, Trainer) and trainer.n_train == 2 and trainer.dp_accounting is None
@@ -330,6 +331,35 @@ def test_build_returns_a_trainer_that_trains_and_evaluates(tmp_path, data_dir):
     assert job.key_metric == "val_mean_dice" and job.key_metric in metrics
     assert set(metrics) <= {job.key_metric, *(f"val_dice_{name}" for name in LABELS)}
     assert 0.0 <= metrics[job.key_metric] <= 1.0
+
+
+DP_POLICY = {"min_dataset_size": 1, "differential_privacy": {"enabled": True, "epsilon": 8, "delta": 1e-5,
+                                                             "max_grad_norm": 1.0}}  # fmt: skip
+
+
+def test_a_site_requiring_dp_trains_segresnet_with_dp_sgd_one_crop_per_volume(tmp_path, data_dir):
+    """Record-level DP-SGD (Opacus) on SegResNet (GroupNorm) with the dp profile's non-in-place activations: every
+    step is accounted for; more than one crop per volume is refused, naming the field and the site's policy."""
+    small = {
+        "server": job_builder.merge(network_overlay(init_filters=8), {"server": {"num_rounds": 2, "components": [
+            {"id": "persistor", "args": {"model": {"args": {"act": ["RELU", {"inplace": False}]}}}}]}}, "t")["server"],
+        "client": {"trainer": {"pixdim": [1.5, 1.5, 2.0], "roi_size": [16, 16, 16], "local_epochs": 2}},
+    }  # fmt: skip
+    site_config = tmp_path / "site_config.json"
+    site_config.write_text(json.dumps({"data_root": str(data_dir.parent), "datasets": {ct.JOB_NAME: data_dir.name},
+                                       "privacy": DP_POLICY}))  # fmt: skip
+    set_determinism(seed=0)
+    trainer = ct.build(build_job(tmp_path, "demo", small), SiteConfig(site_config), torch.device("cpu"))
+    initial = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    mean_loss, steps = trainer.train()  # Poisson batches of expected size 1 over 3 volumes, 2 epochs
+    accounting = trainer.dp_accounting()
+    assert math.isfinite(mean_loss) and steps == accounting["dp_steps"] > 0 and 0 < accounting["dp_epsilon"] <= 8
+    assert any(not torch.equal(value, initial[name]) for name, value in trainer.model.state_dict().items())
+
+    crops = job_builder.merge(small, {"client": {"trainer": {"num_samples": 2}}}, "t")
+    with pytest.raises(ValueError, match=r"config_fed_client.json: trainer.num_samples is 2, and this site requires "
+                                         r"differential privacy \(.*site_config.json\)"):  # fmt: skip
+        ct.build(build_job(tmp_path / "crops", "demo", crops), SiteConfig(site_config), torch.device("cpu"))
 
 
 def logits_of(prediction: torch.Tensor, n_classes: int) -> torch.Tensor:

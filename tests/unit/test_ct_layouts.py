@@ -503,7 +503,7 @@ def test_build_trains_and_evaluates_on_an_msd_task_of_dicom_series(tmp_path):
     }
     job = build_job(tmp_path, overlay)
     set_determinism(seed=0)
-    trainer = ct.build(job, site_config(tmp_path, tmp_path / "btcv"), torch.device("cpu"))
+    trainer = ct.build(job, site_config(tmp_path, tmp_path / "btcv", privacy={}), torch.device("cpu"))
     assert isinstance(trainer, Trainer) and trainer.n_train == 2
     loss, steps = trainer.train()
     assert steps == 2 and np.isfinite(loss)
