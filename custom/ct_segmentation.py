@@ -88,8 +88,8 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, decollate_batch
 from monai.inferers import SlidingWindowInferer
-from monai.networks.blocks.segresnet_block import ResBlock
 from monai.metrics import DiceMetric
+from monai.networks.blocks.segresnet_block import ResBlock
 from monai.transforms import AsDiscrete, Compose, EnsureTyped, RandCropByPosNegLabeld, RandShiftIntensityd, SpatialPadd
 
 from hcls import client_loop, data_check, transform_config

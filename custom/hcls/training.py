@@ -23,11 +23,11 @@ class Trainer:
 
 def train_only(model: torch.nn.Module, trained_layers: list[str] | None, freeze_batch_norm: bool, where: str):
     """Fine-tuning: train only the parameters under ``trained_layers`` (module names, e.g. ``features.denseblock4``;
-    None or empty: all), and with ``freeze_batch_norm`` none of a batch norm's. A batch norm none of whose parameters
-    is trained is frozen whole: ``set_train_mode`` keeps it in eval mode, normalising with its stored statistics (a
-    fixed per-channel affine map, which DP-SGD accepts: it no longer mixes the samples of a batch). Returns the
-    trained parameters; ValueError naming ``where`` (file and field) for a name that is not one of the model's
-    modules."""
+    None or empty: all), and with ``freeze_batch_norm`` no batch norm. A batch norm outside the trained layers, or
+    every one with ``freeze_batch_norm``, is frozen whole: no trained parameter, and ``set_train_mode`` keeps it in
+    eval mode, normalising with its stored statistics (a fixed per-channel affine map, which DP-SGD accepts: it no
+    longer mixes the samples of a batch). Returns the trained parameters; ValueError naming ``where`` (file and
+    field) for a name that is not one of the model's modules."""
     names = dict(model.named_modules())
     unknown = [name for name in trained_layers or [] if name not in names]
     if unknown:
@@ -38,21 +38,20 @@ def train_only(model: torch.nn.Module, trained_layers: list[str] | None, freeze_
         for name in trained_layers:
             for param in names[name].parameters():
                 param.requires_grad_(True)
-    if freeze_batch_norm:
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                for param in module.parameters():
-                    param.requires_grad_(False)
+    for name, module in names.items():
+        trained = not trained_layers or any(name == t or name.startswith(t + ".") for t in trained_layers)
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and (freeze_batch_norm or not trained):
+            module.frozen_batch_norm = True
+            for param in module.parameters():
+                param.requires_grad_(False)
     return [param for param in model.parameters() if param.requires_grad]
 
 
 def set_train_mode(model: torch.nn.Module) -> None:
-    """``model.train()``, except for batch norms none of whose parameters is trained (``train_only``): eval mode."""
+    """``model.train()``, except for the batch norms that ``train_only`` froze: eval mode."""
     model.train()
     for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
-            param.requires_grad for param in module.parameters()
-        ):
+        if getattr(module, "frozen_batch_norm", False):
             module.eval()
 
 
