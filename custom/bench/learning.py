@@ -413,8 +413,9 @@ PUBLIC = ((600, 150, 6), (24, 16, 1))
 
 def pretrain(s: Setup) -> tuple[Path, float]:
     """The BatchNorm DenseNet-121 (the demo profile's network) trained without DP on generated public data in NIH
-    ChestX-ray14's layout, as a consortium would start from a public release; its weights saved where the
-    dp_pretrained profile's persistor reads them, and its key metric on the sites' pooled validation set."""
+    ChestX-ray14's layout, as a consortium would start from a public release. Returns the file its weights are saved
+    in (the dp_pretrained job's persistor is pointed at it by absolute path) and its key metric on the sites' pooled
+    validation set."""
     from datagen import cxr
 
     n_train, n_val, epochs = PUBLIC[1 if s.quick else 0]
