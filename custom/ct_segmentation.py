@@ -94,7 +94,7 @@ from monai.transforms import AsDiscrete, Compose, EnsureTyped, RandCropByPosNegL
 
 from hcls import client_loop, data_check, transform_config
 from hcls.components import build_optimizer
-from hcls.dp_sgd import make_private
+from hcls.dp_sgd import make_private, require_one_sample_per_record
 from hcls.job_config import JobConfig
 from hcls.json_files import read_json
 from hcls.site_config import SiteConfig
@@ -861,11 +861,7 @@ def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     loss_fn = build_loss(trainer, job.client_path).to(device)
     dp_accounting = None
     if site.dp_policy:
-        if trainer["num_samples"] != 1:
-            raise ValueError(
-                f"{job.client_path}: trainer.num_samples is {trainer['num_samples']}, and this site requires "
-                f"differential privacy ({site.path}): record-level DP-SGD needs one crop per volume (num_samples 1)"
-            )
+        require_one_sample_per_record(trainer, "num_samples", "crop", job.client_path, site.path)
         add_residuals_out_of_place(model)
         epochs = job.num_rounds * trainer["local_epochs"]
         optimizer, train_loader, dp_accounting = make_private(model, optimizer, train_loader, site.dp_policy, epochs)

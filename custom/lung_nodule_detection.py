@@ -61,6 +61,13 @@ files and a top-level ``annotations.csv``; ``candidates.csv`` is not used):
 split, ``errors``: every problem with its file and row; paths relative to the data directory, series
 uids replaced by their place on disk) and trains nothing.
 
+Differential privacy, when the site config requires it (``privacy.differential_privacy``): record-level DP-SGD
+with Opacus (``hcls.dp_sgd.make_private``) over all rounds and local epochs, on a backbone without batch norm (the
+network's ``norm``: ``profiles/dp.json`` gives it group norm), one patch per volume (``batch_size`` 1, else the
+trainer stops), ReLUs not in place and each bottleneck's shortcut added out of place (``prepare_for_dp_sgd``). The
+detector's losses are then sums over each patch's sampled anchors (not means over the batch), so a patch's gradient
+depends on that patch alone, which is what clipping it bounds; mixed precision is off.
+
 Key metric (``val_froc`` in the job config): mean sensitivity at ``trainer.froc_fps_per_scan`` false positives
 per scan, boxes matched at IoU >= 0.1 (see ``froc.py``), on whole validation volumes.
 """
@@ -70,6 +77,7 @@ import importlib.util
 import math
 import re
 import sys
+import types
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -89,6 +97,7 @@ from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorSha
 from monai.data import DataLoader, Dataset
 from monai.data.utils import no_collation
 from monai.losses import FocalLoss
+from monai.networks.nets.resnet import ResNetBottleneck
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -100,6 +109,7 @@ from monai.transforms import (
 import froc
 from hcls import client_loop, data_check, transform_config
 from hcls.components import build_optimizer
+from hcls.dp_sgd import make_private, require_one_sample_per_record
 from hcls.job_config import JobConfig
 from hcls.json_files import read_json
 from hcls.site_config import SiteConfig
@@ -649,8 +659,10 @@ def make_loader(records: list[dict], trainer: dict, train: bool) -> DataLoader:
 # ---------------------------------------------------------------- detector
 
 
-def build_detector(network: torch.nn.Module, trainer: dict, config_path: Path) -> RetinaNetDetector:
-    """MONAI's RetinaNetDetector around ``network``, configured from ``trainer`` (tutorial settings)."""
+def build_detector(network: torch.nn.Module, trainer: dict, config_path: Path, loss_reduction: str = "mean"
+                   ) -> RetinaNetDetector:  # fmt: skip
+    """MONAI's RetinaNetDetector around ``network``, configured from ``trainer`` (tutorial settings). Its losses
+    are means over the batch's sampled anchors, or sums (``loss_reduction`` "sum", for DP-SGD)."""
     size_divisible = tuple(int(s) for s in network.size_divisible)
     for field in ("patch_size", "val_patch_size"):
         if len(trainer[field]) != 3 or any(p % s for p, s in zip(trainer[field], size_divisible)):
@@ -687,11 +699,11 @@ def build_detector(network: torch.nn.Module, trainer: dict, config_path: Path) -
         detector.set_balanced_sampler(sampler["batch_size_per_image"], sampler["positive_fraction"])
     # The detector's default classification loss is BCE; the job asks for the focal loss.
     if trainer["classification_loss"] == "focal":
-        detector.set_cls_loss(FocalLoss(reduction="mean", gamma=2.0))
+        detector.set_cls_loss(FocalLoss(reduction=loss_reduction, gamma=2.0))
     else:
-        detector.set_cls_loss(torch.nn.BCEWithLogitsLoss(reduction="mean"))
+        detector.set_cls_loss(torch.nn.BCEWithLogitsLoss(reduction=loss_reduction))
     detector.set_box_regression_loss(
-        torch.nn.SmoothL1Loss(beta=1.0 / 9, reduction="mean"), encode_gt=True, decode_pred=False
+        torch.nn.SmoothL1Loss(beta=1.0 / 9, reduction=loss_reduction), encode_gt=True, decode_pred=False
     )
     inference = trainer["inference"]
     detector.set_box_selector_parameters(
@@ -702,6 +714,24 @@ def build_detector(network: torch.nn.Module, trainer: dict, config_path: Path) -
         roi_size=trainer["val_patch_size"], overlap=0.25, sw_batch_size=1, mode="constant", device="cpu"
     )
     return detector
+
+
+def prepare_for_dp_sgd(network: torch.nn.Module) -> None:
+    """What Opacus' per-sample gradient hooks need, same computation, weights and ``state_dict``: ReLUs not in place
+    (MONAI's ResNet builds its blocks' in place) and every bottleneck's shortcut added out of place (MONAI's adds
+    it in place onto ``bn3``'s output, which the hooks forbid)."""
+
+    def forward(block, x):
+        residual = x if block.downsample is None else block.downsample(x)
+        out = block.act(block.bn1(block.conv1(x)))
+        out = block.act(block.bn2(block.conv2(out)))
+        return block.act(block.bn3(block.conv3(out)) + residual)
+
+    for module in network.modules():
+        if isinstance(module, torch.nn.ReLU):
+            module.inplace = False
+        if isinstance(module, ResNetBottleneck):
+            module.forward = types.MethodType(forward, module)
 
 
 def lr_warmup(optimizer: torch.optim.Optimizer, trainer: dict, steps_per_epoch: int):
@@ -721,13 +751,31 @@ def autocast(device: torch.device, amp: bool):
 
 
 def patch_loss(detector, batch, device: torch.device, amp: bool) -> torch.Tensor:
-    """Classification + box regression loss of the detector on one volume's training patches."""
+    """Classification + box regression loss of the detector on a batch's training patches (one volume's, or under
+    DP-SGD those of the volumes Poisson sampling drew: none gives a zero loss through the network, no step).
+
+    Every output of the network is in the loss, those without a training target times 0: a batch whose patches hold
+    no nodule has no box regression loss (MONAI's is then a constant), and DP-SGD needs a per-sample gradient of
+    every parameter, zero or not."""
     samples = [s for item in batch for s in (item if isinstance(item, list) else [item])]
+    if not samples:
+        size = [int(s) for s in detector.network.size_divisible]  # the smallest input the network takes
+        return all_outputs(detector.network(torch.zeros((0, 1, *size), device=device)))
     images = [s["image"].to(device) for s in samples]
     targets = [{"box": s["box"].to(device), "label": s["label"].to(device)} for s in samples]
-    with autocast(device, amp):
-        losses = detector(images, targets)
-        return losses[detector.cls_key] + losses[detector.box_reg_key]
+    outputs = []
+    hook = detector.network.register_forward_hook(lambda module, args, output: outputs.append(output))
+    try:
+        with autocast(device, amp):
+            losses = detector(images, targets)
+            return losses[detector.cls_key] + losses[detector.box_reg_key] + 0.0 * all_outputs(outputs[0])
+    finally:
+        hook.remove()
+
+
+def all_outputs(outputs: dict) -> torch.Tensor:
+    """The sum of every map the network put out (classification and box regression, every level)."""
+    return sum(map_.sum() for maps in outputs.values() for map_ in maps)
 
 
 def predict(detector, loader, device: torch.device, val_patch_size, amp: bool) -> tuple[list, list, list]:
@@ -784,9 +832,18 @@ def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     train_loader = make_loader(train_records, trainer, train=True)
     val_loader = make_loader(val_records, trainer, train=False)
 
-    amp = bool(trainer.get("amp", True)) and device.type == "cuda"
-    detector = build_detector(job.build_network(), trainer, job.client_path).to(device)
+    amp = bool(trainer.get("amp", True)) and device.type == "cuda" and not site.dp_policy
+    detector = build_detector(job.build_network(), trainer, job.client_path, "sum" if site.dp_policy else "mean")
+    detector = detector.to(device)
     optimizer = build_optimizer(trainer, job.client_path, detector.network.parameters())
+    dp_accounting = None
+    if site.dp_policy:
+        require_one_sample_per_record(trainer, "batch_size", "patch", job.client_path, site.path)
+        prepare_for_dp_sgd(detector.network)
+        epochs = job.num_rounds * trainer["local_epochs"]
+        optimizer, train_loader, dp_accounting = make_private(
+            detector.network, optimizer, train_loader, site.dp_policy, epochs, loss_reduction="sum", empty_batch=[]
+        )
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     scheduler = lr_warmup(optimizer, trainer, steps_per_epoch=len(train_loader))
     n_nodules = sum(len(r["label"]) for r in train_records)
@@ -804,6 +861,7 @@ def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
         train=train,
         evaluate=lambda: evaluate(detector, val_loader, device, trainer, job.key_metric, amp),
         n_train=len(train_records),
+        dp_accounting=dp_accounting,
     )
 
 

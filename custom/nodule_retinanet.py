@@ -7,11 +7,17 @@ The persistor, the trainer and the imaging agent all construct it the same way:
     model = NoduleRetinaNet(**args)   # the persistor's model args in the job config (job_configs/lung_nodule_detection)
     model.load_state_dict(torch.load("best_model.pt"))
 
-Every argument is required: the job config is the one place for the architecture. ``bundle_config`` describes
-the same network with MONAI's own parts, for the fetched MONAI bundle, which must not need this repository.
+Every argument but ``norm`` is required: the job config is the one place for the architecture. ``norm`` (MONAI's
+``get_norm_layer`` spelling, default ``"batch"``) is the backbone's normalisation, every one of its layers: MONAI's
+``ResNet`` applies its own ``norm`` argument to the stem only and builds its blocks with batch norm, so this class
+puts the named norm in their place. ``["group", {"num_groups": 32}]`` is the one DP-SGD can train (the nodule job's
+dp profile). ``bundle_config`` describes the same network with MONAI's own parts, for the fetched MONAI bundle, which
+must not need this repository.
 """
 
+import torch
 from monai.apps.detection.networks.retinanet_network import RetinaNet, resnet_fpn_feature_extractor
+from monai.networks.layers.utils import get_norm_layer
 from monai.networks.nets import resnet
 
 
@@ -26,6 +32,7 @@ class NoduleRetinaNet(RetinaNet):
         conv1_t_stride: tuple,
         conv1_t_size: tuple,
         returned_layers: tuple,
+        norm: str | list = "batch",
     ):
         backbone = resnet.ResNet(
             block=resnet.ResNetBottleneck,
@@ -35,6 +42,8 @@ class NoduleRetinaNet(RetinaNet):
             conv1_t_stride=list(conv1_t_stride),
             conv1_t_size=list(conv1_t_size),
         )
+        if norm != "batch":
+            replace_batch_norms(backbone, norm, spatial_dims)
         extractor = resnet_fpn_feature_extractor(
             backbone, spatial_dims, pretrained_backbone=False, returned_layers=list(returned_layers)
         )
@@ -48,9 +57,11 @@ class NoduleRetinaNet(RetinaNet):
 
     @classmethod
     def bundle_config(cls, spatial_dims, n_input_channels, num_classes, num_anchors, backbone_layers, conv1_t_stride,
-                      conv1_t_size, returned_layers) -> dict:  # fmt: skip
-        """MONAI bundle config entries (``backbone``, ``feature_extractor``, ``network_def``) of the same network."""
-        return {
+                      conv1_t_size, returned_layers, norm="batch") -> dict:  # fmt: skip
+        """MONAI bundle config entries (``backbone``, ``feature_extractor``, ``network_def``) of the same network.
+        With a ``norm`` other than batch norm, ``backbone_norms`` replaces the backbone's batch norms with it, as
+        ``replace_batch_norms`` does (a MONAI config expression; the norm itself stays a literal entry)."""
+        config = {
             "backbone": {
                 "_target_": "monai.networks.nets.resnet.ResNet",
                 "block": "$monai.networks.nets.resnet.ResNetBottleneck",
@@ -76,3 +87,21 @@ class NoduleRetinaNet(RetinaNet):
                 "size_divisible": cls.size_divisible_for(conv1_t_stride, returned_layers),
             },
         }
+        if norm != "batch":
+            config["backbone_norm"] = norm
+            config["backbone_norms"] = (
+                "$[setattr(parent, name, monai.networks.layers.utils.get_norm_layer(@backbone_norm, "
+                f"{int(spatial_dims)}, child.num_features)) for parent in list(@backbone.modules()) "
+                "for name, child in list(parent.named_children()) "
+                "if isinstance(child, torch.nn.modules.batchnorm._BatchNorm)]"
+            )
+            config["feature_extractor"]["backbone"] = "$(@backbone_norms, @backbone)[1]"
+        return config
+
+
+def replace_batch_norms(module: torch.nn.Module, norm, spatial_dims: int) -> None:
+    """Every batch norm under ``module`` replaced by a fresh ``norm`` layer of as many channels."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+                setattr(parent, name, get_norm_layer(norm, spatial_dims, child.num_features))

@@ -164,9 +164,11 @@ def test_nodule_anchors_match_the_network(built):
 def test_profiles_keep_the_architecture(built, job, profile):
     network = JobConfig.from_job_folder(built(job, profile)).network
     production = JobConfig.from_job_folder(built(job)).network
-    if (job, profile) == ("cxr_classification", "dp"):  # swaps batch norm (Opacus); dp_pretrained freezes it
-        assert network["args"].pop("norm") == ["group", {"num_groups": 32}]
-    if profile.startswith("dp"):  # and no in-place activation (Opacus); SegResNet has GroupNorm already
+    if (job, profile) in (("cxr_classification", "dp"), ("lung_nodule_detection", "dp")):  # swap batch norm
+        assert network["args"].pop("norm") == ["group", {"num_groups": 32}]  # (Opacus); dp_pretrained freezes it
+    # and no in-place activation (Opacus); SegResNet has GroupNorm already; the nodule trainer sets its ReLUs not in
+    # place under DP itself (MONAI's ResNet takes no activation for its blocks)
+    if profile.startswith("dp") and job != "lung_nodule_detection":
         assert network["args"].pop("act") in (["relu", {"inplace": False}], ["RELU", {"inplace": False}])
     assert network == production
 

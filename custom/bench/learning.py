@@ -15,7 +15,7 @@ Every model is evaluated on the same validation set, both sites' validation case
 metric after the last round (the metric after each round is in ``samples``). Centralized training trains the same
 network from the same initial weights on both sites' training cases pooled, as many local epochs per round as
 FedAvg (the same number of passes over the data). One seed per run (SEED): the table states it. Row
-"federated" runs each of the three jobs; row "bandwidth" the CXR job; row "dp" the CXR and CT jobs.
+"federated" runs each of the three jobs; row "bandwidth" the CXR job; row "dp" all three.
 """
 
 import importlib
@@ -35,7 +35,7 @@ from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedA
 from nvflare.app_common.decomposers import common_decomposers
 from nvflare.fuel.utils import fobs
 
-from hcls.job_config import JobConfig
+from hcls.job_config import JobConfig, persistor_args
 from hcls.site_config import SiteConfig
 from ops import job_builder
 
@@ -168,8 +168,7 @@ def job_config(job: str, work: Path, name: str, profiles: list[str], sizes: Size
     if quick and job == CXR:
         config["client"]["trainer"]["image_size"] = [sizes.size, sizes.size]
     if checkpoint is not None:
-        persistor = next(c for c in config["server"]["components"] if c["id"] == "persistor")
-        persistor["args"]["source_ckpt_file_full_name"] = str(checkpoint)
+        persistor_args(config["server"])["source_ckpt_file_full_name"] = str(checkpoint)
     return JobConfig.from_job_folder(job_builder.write_job(config, work / "jobs" / name))
 
 
@@ -257,8 +256,7 @@ class Outcome:
 def initial_state(job: JobConfig) -> dict:
     """The weights the server starts from: the pre-trained ones the persistor names, else the network's from SEED."""
     set_determinism(seed=SEED)
-    persistor = next(c for c in job.server["components"] if c["id"] == "persistor")
-    checkpoint = persistor["args"].get("source_ckpt_file_full_name")
+    checkpoint = persistor_args(job.server).get("source_ckpt_file_full_name")
     if checkpoint:
         return torch.load(checkpoint, weights_only=True)
     return {k: v.clone() for k, v in job.build_network().state_dict().items()}
@@ -439,7 +437,8 @@ def dp(quick: bool, work: Path) -> list[Measurement]:
 
     CXR, the dp_pretrained profile: the BatchNorm DenseNet-121 pre-trained without DP on public data, then
     fine-tuned at the sites with its batch norms frozen in eval mode and only the last dense block and the
-    classifier trained. CT, the dp profile: SegResNet (GroupNorm) from scratch, one crop per volume."""
+    classifier trained. CT, the dp profile: SegResNet (GroupNorm) from scratch, one crop per volume. LUNA16, the dp
+    profile: the RetinaNet with group norm in its ResNet-50 backbone, from scratch, one patch per volume."""
     s = setup(CXR, quick, work)
     checkpoint, start = pretrain(s)
     job = s.job("dp_pretrained", ["demo", "dp_pretrained"], checkpoint)
@@ -452,7 +451,11 @@ def dp(quick: bool, work: Path) -> list[Measurement]:
                                    "frozen, denseblock4 and the classifier trained")  # fmt: skip
     ct = setup("ct_segmentation", quick, work)
     job = ct.job("dp", ["demo", "dp"])
-    return rows + dp_runs(ct, job, ct.dense("dp", job), "the dp profile: SegResNet, one crop per volume")
+    rows += dp_runs(ct, job, ct.dense("dp", job), "the dp profile: SegResNet, one crop per volume")
+    luna = setup("lung_nodule_detection", quick, work)
+    job = luna.job("dp", ["demo", "dp"])
+    return rows + dp_runs(luna, job, luna.dense("dp", job), "the dp profile: RetinaNet, ResNet-50 backbone with "
+                          "group norm, one patch per volume")  # fmt: skip
 
 
 def dp_runs(s: Setup, job: JobConfig, plain: Outcome, recipe: str) -> list[Measurement]:

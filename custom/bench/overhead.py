@@ -26,6 +26,7 @@ import subprocess
 from datetime import datetime
 from pathlib import Path
 
+from hcls.job_config import persistor_args
 from ops import job_builder
 
 from .table import Measurement, timed
@@ -81,8 +82,7 @@ def deploy_local(work: Path, log: Path) -> dict:
 
 def job_network() -> dict:
     """The network of the cxr_classification job: the server persistor's ``model`` ({path, args})."""
-    server = job_builder.resolve("cxr_classification")["server"]
-    return next(c["args"]["model"] for c in server["components"] if c["id"] == "persistor")
+    return persistor_args(job_builder.resolve("cxr_classification")["server"])["model"]
 
 
 def our_job(work: Path, name: str, model: dict, rounds: int) -> tuple[str, str]:

@@ -7,12 +7,16 @@ from pathlib import Path
 import torch.utils.data
 
 
-def make_private(model, optimizer, loader, dp: dict, epochs: int):
+def make_private(model, optimizer, loader, dp: dict, epochs: int, loss_reduction: str = "mean", empty_batch=None):
     """DP-SGD with Opacus for ``epochs`` epochs in all (every round's local epochs).
 
     Per-sample gradients are clipped to ``dp['max_grad_norm']`` and Gaussian noise is added with the
     noise multiplier that Opacus' accountant (PRV) computes so that all ``epochs`` on Poisson-sampled
-    batches spend at most ``dp['epsilon']`` at ``dp['delta']``. The model is hooked in place (no wrapper),
+    batches spend at most ``dp['epsilon']`` at ``dp['delta']``. ``loss_reduction``: how the trainer's loss
+    combines the samples of a batch ("mean", or "sum": the update is then not divided by the expected batch
+    size). ``empty_batch``: what the trainer gets when Poisson sampling draws no sample (default: the first
+    batch's structure with empty tensors, which Opacus makes; a trainer whose samples hold strings, which it cannot
+    empty, passes its own, e.g. ``[]``). The model is hooked in place (no wrapper),
     so its state_dict keys stay those of the network the server aggregates. Returns the DP optimizer, the
     Poisson-sampling loader and the ``Accounting`` (below).
     """
@@ -22,14 +26,27 @@ def make_private(model, optimizer, loader, dp: dict, epochs: int):
     _, dp_optimizer, dp_loader = engine.make_private_with_epsilon(
         module=model, optimizer=optimizer, data_loader=loader, target_epsilon=dp["epsilon"],
         target_delta=dp["delta"], epochs=epochs, max_grad_norm=dp["max_grad_norm"], wrap_model=False,
+        loss_reduction=loss_reduction,
     )  # fmt: skip
     # Poisson sampling can draw an empty batch. Opacus shapes it after dataset[0], which for the trainers'
     # dict samples are its keys (strings) and fails; give it a real first batch to take shapes and dtypes from.
-    if getattr(dp_loader.collate_fn, "first_batch", "unset") is None and len(loader.dataset):
+    if empty_batch is not None:  # Opacus empties the first batch's structure: an empty list stays one
+        dp_loader.collate_fn.first_batch = empty_batch
+    elif getattr(dp_loader.collate_fn, "first_batch", "unset") is None and len(loader.dataset):
         collate = loader.collate_fn or torch.utils.data.default_collate
         dp_loader.collate_fn.first_batch = collate([loader.dataset[0]])
 
     return dp_optimizer, dp_loader, Accounting(engine, dp, dp_optimizer, dp_loader.sample_rate)
+
+
+def require_one_sample_per_record(trainer: dict, field: str, what: str, job_config: Path, site_config: Path) -> None:
+    """Record-level DP-SGD clips each sample's gradient: a volume's several crops or patches would be one record in
+    several samples. ValueError naming the job's field and the site's policy unless ``trainer[field]`` is 1."""
+    if trainer[field] != 1:
+        raise ValueError(
+            f"{job_config}: trainer.{field} is {trainer[field]}, and this site requires differential privacy "
+            f"({site_config}): record-level DP-SGD needs one {what} per volume ({field} 1)"
+        )
 
 
 class Accounting:

@@ -20,6 +20,13 @@ from hcls.json_files import read_json
 SERVER_CONFIG, CLIENT_CONFIG = "config_fed_server.json", "config_fed_client.json"
 
 
+def persistor_args(server: dict) -> dict:
+    """The ``args`` of a server config's ``persistor`` component (``{}`` without one): the network (``model``) and
+    the pre-trained initial weights (``source_ckpt_file_full_name``)."""
+    components = server.get("components", [])
+    return next((c.get("args", {}) for c in components if isinstance(c, dict) and c.get("id") == "persistor"), {})
+
+
 class JobConfig:
     def __init__(self, config_dir: Path):
         self.config_dir = Path(config_dir)
@@ -47,10 +54,9 @@ class JobConfig:
     @property
     def network(self) -> dict:
         """The network the job trains, ``{"path", "args"}``: the server persistor's ``model``."""
-        for comp in self.server.get("components", []):
-            model = comp.get("args", {}).get("model") if comp.get("id") == "persistor" else None
-            if isinstance(model, dict) and "path" in model:
-                return {"path": model["path"], "args": model.get("args", {})}
+        model = persistor_args(self.server).get("model")
+        if isinstance(model, dict) and "path" in model:
+            return {"path": model["path"], "args": model.get("args", {})}
         raise ValueError(f"{self.server_path}: no 'persistor' component with args.model {{path, args}}")
 
     def build_network(self):

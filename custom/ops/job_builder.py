@@ -32,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from hcls.job_config import persistor_args
+
 REPO = Path(__file__).resolve().parents[2]
 JOB_CONFIGS = REPO / "job_configs"
 LAYER_KEYS = {"meta", "server", "client", "site_resources"}
@@ -224,8 +226,7 @@ def write_job(config: dict, out: Path) -> Path:
 def source_checkpoint(config: dict) -> str | None:
     """The persistor's ``source_ckpt_file_full_name`` (pre-trained initial weights), checked: a relative name must
     stay inside custom/ and exist there. BuildError naming the field otherwise."""
-    persistor = next((c for c in config["server"].get("components", []) if c.get("id") == "persistor"), {})
-    name = persistor.get("args", {}).get("source_ckpt_file_full_name")
+    name = persistor_args(config["server"]).get("source_ckpt_file_full_name")
     if name is None or Path(name).is_absolute():
         return name
     where = "server component persistor: args.source_ckpt_file_full_name"

@@ -25,7 +25,7 @@ CUSTOM = REPO / "custom"
 sys.path.insert(0, str(CUSTOM))
 
 from hcls.job_config import JobConfig  # noqa: E402
-from ops import bundle, flare_admin  # noqa: E402
+from ops import bundle, flare_admin, job_builder  # noqa: E402
 
 JOBS = ("cxr_classification", "ct_segmentation", "lung_nodule_detection")
 GENERATORS = {"cxr_classification": ("cxr", 64), "ct_segmentation": ("ct", 32), "lung_nodule_detection": ("luna16", 32)}
@@ -221,6 +221,27 @@ def test_nodule_network_from_monai_parts_equals_nodule_retinanet(built):
     assert list(from_monai) == list(original)
     assert {k: tuple(v.shape) for k, v in from_monai.items()} == {k: tuple(v.shape) for k, v in original.items()}
     assert config["size_divisible"] == [int(s) for s in NoduleRetinaNet(**entry["job"].network["args"]).size_divisible]
+
+
+def test_the_dp_nodule_network_from_monai_parts_has_group_norm_in_the_whole_backbone(tmp_path):
+    """The nodule job's dp profile names group norm for the backbone; MONAI's ResNet would leave its blocks' batch
+    norms, so the bundle replaces them by a config expression: same state_dict, same layers."""
+    from monai.bundle import ConfigParser
+
+    from nodule_retinanet import NoduleRetinaNet
+
+    config = job_builder.resolve("lung_nodule_detection", "dp")
+    persistor = next(c for c in config["server"]["components"] if c["id"] == "persistor")
+    args = persistor["args"]["model"]["args"]
+    assert args["norm"] == ["group", {"num_groups": 32}]
+    parser = ConfigParser(bundle.network_config({"path": "nodule_retinanet.NoduleRetinaNet", "args": args}))
+    from_monai = parser.get_parsed_content("network_def")
+    original = NoduleRetinaNet(**args)
+    assert {k: tuple(v.shape) for k, v in from_monai.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in original.state_dict().items()}  # fmt: skip
+    assert [type(m).__name__ for m in from_monai.modules()][1:] == [type(m).__name__ for m in original.modules()][1:]
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in from_monai.modules())
+    from_monai.load_state_dict(original.state_dict())
 
 
 def test_a_network_outside_monai_is_refused():

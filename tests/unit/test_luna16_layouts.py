@@ -324,7 +324,7 @@ def test_pipeline_boxes_land_on_the_nodules(generated, demo_job):
 @itk_missing
 def test_build_trains_and_evaluates_on_metaimage(tmp_path, generated, demo_job):
     set_determinism(seed=0)
-    trainer = lnd.build(demo_job, site_config(tmp_path, generated), torch.device("cpu"))
+    trainer = lnd.build(demo_job, site_config(tmp_path, generated, privacy={}), torch.device("cpu"))
     assert isinstance(trainer, Trainer) and trainer.n_train == 1
     loss, steps = trainer.train()
     assert steps == 1 and np.isfinite(loss) and loss > 0

@@ -426,7 +426,8 @@ def test_build_trains_one_step_and_evaluates(tmp_path, generated):
     overlay = {"client": {"trainer": {"max_train_samples": 1, "max_val_samples": 1, "local_epochs": 1}}}
     job = build_job(tmp_path, "demo", overlay)
     site_config = tmp_path / "site_config.json"
-    site_config.write_text(json.dumps({"data_root": str(generated.parent), "datasets": {lnd.JOB_NAME: generated.name}}))
+    site_config.write_text(json.dumps({"data_root": str(generated.parent), "datasets": {lnd.JOB_NAME: generated.name},
+                                       "privacy": {}}))  # fmt: skip
     set_determinism(seed=0)
     trainer = lnd.build(job, SiteConfig(site_config), torch.device("cpu"))
     assert isinstance(trainer, Trainer) and trainer.n_train == 1 and trainer.dp_accounting is None
@@ -435,3 +436,87 @@ def test_build_trains_one_step_and_evaluates(tmp_path, generated):
     assert steps == 1 and np.isfinite(loss) and loss > 0
     metrics = trainer.evaluate()
     assert set(metrics) == {job.key_metric} == {"val_froc"} and 0.0 <= metrics["val_froc"] <= 1.0
+
+
+DP_POLICY = {"min_dataset_size": 1, "differential_privacy": {"enabled": True, "epsilon": 8, "delta": 1e-5,
+                                                             "max_grad_norm": 1.0}}  # fmt: skip
+
+
+def dp_profile() -> dict:
+    return json.loads((REPO / "job_configs" / lnd.JOB_NAME / "profiles" / "dp.json").read_text())
+
+
+def test_the_dp_profile_backbone_has_group_norm_everywhere_and_opacus_accepts_it(tmp_path):
+    """MONAI's ResNet puts batch norm in its blocks whatever its ``norm`` says; the network's ``norm`` reaches
+    every layer of the backbone, and the production network (batch norm) is the one Opacus refuses."""
+    from opacus.validators import ModuleValidator
+
+    network = build_job(tmp_path / "dp", "dp").build_network()
+    norms = [m for m in network.feature_extractor.body.modules() if "Norm" in type(m).__name__]
+    assert norms and all(isinstance(m, torch.nn.GroupNorm) and m.num_groups == 32 for m in norms)
+    assert ModuleValidator.validate(network, strict=False) == []
+    assert ModuleValidator.validate(build_job(tmp_path / "prod").build_network(), strict=False)  # BatchNorm: refused
+
+
+def test_a_site_requiring_dp_trains_the_retinanet_with_dp_sgd_one_patch_per_volume(tmp_path, generated):
+    """Record-level DP-SGD (Opacus) on the RetinaNet with the dp profile's group norm (a ResNet-10 backbone to keep
+    per-sample gradients quick): every step is accounted for and the weights change; the state_dict stays the
+    network's; more than one patch per volume is refused, naming the field and the site's policy."""
+    small = {"server": {"num_rounds": 2, "components": [
+        {"id": "persistor", "args": {"model": {"args": {"backbone_layers": [1, 1, 1, 1]}}}}]},
+        "client": {"trainer": {"local_epochs": 2, "max_val_samples": 1}}}  # fmt: skip
+    site_config = tmp_path / "site_config.json"
+    site_config.write_text(json.dumps({"data_root": str(generated.parent), "datasets": {lnd.JOB_NAME: generated.name},
+                                       "privacy": DP_POLICY}))  # fmt: skip
+    job = build_job(tmp_path / "dp", "demo", job_builder.merge(dp_profile(), small, "t"))
+    set_determinism(seed=0)
+    trainer = lnd.build(job, SiteConfig(site_config), torch.device("cpu"))
+    assert list(trainer.model.state_dict()) == list(job.build_network().state_dict())
+    initial = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    mean_loss, steps = trainer.train()  # Poisson batches of expected size 1 over 2 volumes, 2 epochs
+    accounting = trainer.dp_accounting()
+    assert np.isfinite(mean_loss) and steps == accounting["dp_steps"] > 0 and 0 < accounting["dp_epsilon"] <= 8
+    assert any(not torch.equal(value, initial[name]) for name, value in trainer.model.state_dict().items())
+    assert set(trainer.evaluate()) == {"val_froc"}
+
+    patches = job_builder.merge(small, {"client": {"trainer": {"batch_size": 2}}}, "t")
+    with pytest.raises(ValueError, match=r"config_fed_client.json: trainer.batch_size is 2, and this site requires "
+                                         r"differential privacy \(.*site_config.json\)"):  # fmt: skip
+        lnd.build(build_job(tmp_path / "patches", "demo", patches), SiteConfig(site_config), torch.device("cpu"))
+
+
+def test_an_empty_poisson_batch_and_a_patch_without_nodule_are_dp_sgd_steps(tmp_path, generated):
+    """Poisson sampling can draw no volume: Opacus cannot empty the first batch's structure (its samples hold
+    strings, the series uid), so the trainer asks for an empty list; the loss is zero, through the network (the
+    per-sample hooks see a batch of 0). A patch without a nodule has no box regression loss; DP-SGD still needs a
+    per-sample gradient of every parameter (Opacus' step fails without one)."""
+    from hcls.dp_sgd import make_private
+
+    job = build_job(tmp_path, "demo", dp_profile())
+    trainer = lnd.load_settings(job)
+    network = job.build_network()
+    lnd.prepare_for_dp_sgd(network)
+    detector = lnd.build_detector(network, trainer, job.client_path, "sum")
+    records, _ = lnd.load_data(trainer, generated)
+    optimizer, loader, _ = make_private(network, torch.optim.SGD(network.parameters(), lr=0.01),
+                                        lnd.make_loader(records, trainer, True), DP_POLICY["differential_privacy"], 1,
+                                        "sum", [])  # fmt: skip
+    assert loader.collate_fn([loader.dataset[0]])  # a volume drawn: its patch
+    empty = loader.collate_fn([])
+    assert empty == []
+    loss = lnd.patch_loss(detector, empty, torch.device("cpu"), False)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad_sample.shape[0] == 0 for p in network.parameters())
+    optimizer.step()
+    optimizer.zero_grad()
+
+    detector.train()
+    no_nodule = {"image": torch.rand(1, *trainer["patch_size"]), "box": torch.zeros((0, 6)),
+                 "label": torch.zeros((0,), dtype=torch.long)}  # fmt: skip
+    before = {name: p.detach().clone() for name, p in network.named_parameters()}
+    loss = lnd.patch_loss(detector, [[no_nodule]], torch.device("cpu"), False)
+    loss.backward()
+    assert all(p.grad_sample.shape[0] == 1 for p in network.parameters())
+    optimizer.step()
+    assert any(not torch.equal(p, before[name]) for name, p in network.named_parameters())
