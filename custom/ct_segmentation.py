@@ -63,13 +63,16 @@ Metrics (MONAI ``DiceMetric``, background excluded, on the argmax prediction):
 
 Loss: ``trainer.loss`` looked up in ``monai.losses`` (a class ``weight`` list in its args
 needs ``len(labels) + 1`` values, background first). Optional trainer fields, read with
-these defaults when absent: ``crop_foreground`` (true) and ``cache_rate`` (1.0: the
-pre-processed volumes are cached in memory; lower it for large datasets).
+these defaults when absent: ``crop_foreground`` (true), ``cache_rate`` (1.0: the
+pre-processed volumes are cached in memory; lower it for large datasets) and ``trained_layers`` (all: fine-tuning
+trains only the named modules, ``hcls.training.train_only``).
 
 Differential privacy, when the site config requires it (``privacy.differential_privacy``): record-level DP-SGD
 with Opacus (``hcls.dp_sgd.make_private``) over all rounds and local epochs, one crop per volume (``num_samples``
 1, else the trainer stops), ReLUs not in place (``profiles/dp.json``) and each residual block's shortcut added
-out of place (``add_residuals_out_of_place``).
+out of place (``add_residuals_out_of_place``). The recipe that keeps the accuracy (README, row ``dp``) is
+``profiles/dp_pretrained.json``: SegResNet pre-trained without DP on public data, its full-resolution decoder
+stage and output convolution fine-tuned with DP-SGD.
 """
 
 import hashlib
@@ -98,7 +101,7 @@ from hcls.dp_sgd import make_private, require_one_sample_per_record
 from hcls.job_config import JobConfig
 from hcls.json_files import read_json
 from hcls.site_config import SiteConfig
-from hcls.training import Trainer, train_epochs
+from hcls.training import Trainer, train_epochs, train_only
 
 JOB_NAME = "ct_segmentation"
 TRAIN_LIST, VAL_LIST = "train_data.json", "val_data.json"
@@ -857,7 +860,8 @@ def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     inferer = make_inferer(trainer)
 
     model = job.build_network().to(device)
-    optimizer = build_optimizer(trainer, job.client_path, model.parameters())
+    trained = train_only(model, trainer.get("trained_layers"), False, f"{job.client_path}: trainer.trained_layers")
+    optimizer = build_optimizer(trainer, job.client_path, trained)
     loss_fn = build_loss(trainer, job.client_path).to(device)
     dp_accounting = None
     if site.dp_policy:

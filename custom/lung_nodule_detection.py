@@ -62,11 +62,14 @@ split, ``errors``: every problem with its file and row; paths relative to the da
 uids replaced by their place on disk) and trains nothing.
 
 Differential privacy, when the site config requires it (``privacy.differential_privacy``): record-level DP-SGD
-with Opacus (``hcls.dp_sgd.make_private``) over all rounds and local epochs, on a backbone without batch norm (the
-network's ``norm``: ``profiles/dp.json`` gives it group norm), one patch per volume (``batch_size`` 1, else the
+with Opacus (``hcls.dp_sgd.make_private``) over all rounds and local epochs, on a backbone without trained batch norm
+(the network's ``norm``: ``profiles/dp.json`` gives it group norm), one patch per volume (``batch_size`` 1, else the
 trainer stops), ReLUs not in place and each bottleneck's shortcut added out of place (``prepare_for_dp_sgd``). The
 detector's losses are then sums over each patch's sampled anchors (not means over the batch), so a patch's gradient
-depends on that patch alone, which is what clipping it bounds; mixed precision is off.
+depends on that patch alone, which is what clipping it bounds; mixed precision is off. The recipe that keeps the
+accuracy (README, row ``dp``) is ``profiles/dp_pretrained.json``: the batch-norm detector pre-trained without DP on
+public data (LUNA16), its batch norms frozen in eval mode (``trainer.freeze_batch_norm``) and only its output
+convolutions trained (``trainer.trained_layers``, ``hcls.training.train_only``).
 
 Key metric (``val_froc`` in the job config): mean sensitivity at ``trainer.froc_fps_per_scan`` false positives
 per scan, boxes matched at IoU >= 0.1 (see ``froc.py``), on whole validation volumes.
@@ -113,7 +116,7 @@ from hcls.dp_sgd import make_private, require_one_sample_per_record
 from hcls.job_config import JobConfig
 from hcls.json_files import read_json
 from hcls.site_config import SiteConfig
-from hcls.training import Trainer, train_epochs
+from hcls.training import Trainer, train_epochs, train_only
 
 JOB_NAME = "lung_nodule_detection"
 REQUIRED_KEYS = (
@@ -833,9 +836,11 @@ def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     val_loader = make_loader(val_records, trainer, train=False)
 
     amp = bool(trainer.get("amp", True)) and device.type == "cuda" and not site.dp_policy
-    detector = build_detector(job.build_network(), trainer, job.client_path, "sum" if site.dp_policy else "mean")
-    detector = detector.to(device)
-    optimizer = build_optimizer(trainer, job.client_path, detector.network.parameters())
+    network = job.build_network()
+    trained = train_only(network, trainer.get("trained_layers"), trainer.get("freeze_batch_norm", False),
+                         f"{job.client_path}: trainer.trained_layers")  # fmt: skip
+    detector = build_detector(network, trainer, job.client_path, "sum" if site.dp_policy else "mean").to(device)
+    optimizer = build_optimizer(trainer, job.client_path, trained)
     dp_accounting = None
     if site.dp_policy:
         require_one_sample_per_record(trainer, "batch_size", "patch", job.client_path, site.path)

@@ -404,31 +404,59 @@ def bandwidth(quick: bool, work: Path) -> list[Measurement]:
 
 
 DP = {"delta": 1e-5, "max_grad_norm": 1.0}
-# Public pre-training for the DP row: NIH ChestX-ray14's layout (14 of the 18 outputs), generated with seed 3 at the
-# generator's default signal (stronger than the sites'); (full, QUICK): studies for training and validation, epochs.
-PUBLIC = ((600, 150, 6), (24, 16, 1))
+# Public pre-training for the DP row, per job: (full, QUICK) cases for training and validation, epochs. Generated
+# with seed 3 in a public release's layout: CXR NIH ChestX-ray14's (14 of the 18 outputs) at the generator's default
+# signal (stronger than the sites'); CT the Medical Segmentation Decathlon's (dataset.json, its own label names);
+# LUNA16 its release's (subsetN/<uid>.mhd, annotations.csv; subsets 8-9 for validation).
+PUBLIC = {CXR: ((600, 150, 6), (24, 16, 1)), "ct_segmentation": ((32, 8, 12), (4, 1, 1)),
+          "lung_nodule_detection": ((32, 8, 10), (2, 1, 1))}  # fmt: skip
+PUBLIC_WHAT = {CXR: "NIH ChestX-ray14 layout, 14 of 18 labels", "ct_segmentation": "Decathlon layout",
+               "lung_nodule_detection": "LUNA16 release layout"}  # fmt: skip
 
 
-def pretrain(s: Setup) -> tuple[Path, float]:
-    """The BatchNorm DenseNet-121 (the demo profile's network) trained without DP on generated public data in NIH
-    ChestX-ray14's layout, as a consortium would start from a public release. Returns the file its weights are saved
-    in (the dp_pretrained job's persistor is pointed at it by absolute path) and its key metric on the sites' pooled
-    validation set."""
-    from datagen import cxr
+def generate_public(s: Setup, out: Path, n_train: int, n_val: int) -> None:
+    """The public data of ``s``'s job in ``out``: ``n_train`` + ``n_val`` cases in a public release's layout."""
+    from datagen import ct, cxr, luna16
 
-    n_train, n_val, epochs = PUBLIC[1 if s.quick else 0]
-    cxr.generate_nih(s.work / "data" / "public", n_train, n_val, seed=3, size=s.sizes.size)
+    if s.name == CXR:
+        cxr.generate_nih(out, n_train, n_val, seed=3, size=s.sizes.size)
+    elif s.name == "ct_segmentation":  # the msd layout splits off its validation cases itself (msd_split, 0.2)
+        ct.generate(out, n_train, n_val, seed=3, size=s.sizes.size, layout="msd")
+    else:
+        luna16.generate(out, n_train, n_val, seed=3, size=s.sizes.size, layout="luna16")
+
+
+def pretrain(s: Setup) -> tuple[Path, float, str]:
+    """The job's demo network (CXR and LUNA16: its batch-norm one) trained without DP on generated public data, as a
+    consortium would start from a public release. Returns the file its weights are saved in (the dp_pretrained
+    job's persistor is pointed at it by absolute path), its key metric on the sites' pooled validation set and what
+    it was trained on."""
+    n_train, n_val, epochs = PUBLIC[s.name][1 if s.quick else 0]
+    generate_public(s, s.work / "data" / "public", n_train, n_val)
     job = s.job("public", ["demo"])
     set_determinism(seed=SEED)
-    trainer = trainer_module(job).build(job, site_config(CXR, s.work, "public"), torch.device("cpu"))
+    trainer = trainer_module(job).build(job, site_config(s.name, s.work, "public"), torch.device("cpu"))
     for epoch in range(epochs):
         trainer.train()
         print(f"bench:   public pre-training epoch {epoch}: {job.key_metric} {trainer.evaluate()[job.key_metric]:.4f} "
               "(public validation set)", flush=True)  # fmt: skip
-    checkpoint = s.work / "pretrained" / f"{CXR}.pt"
+    checkpoint = s.work / "pretrained" / f"{s.name}.pt"
     checkpoint.parent.mkdir(exist_ok=True)
     torch.save(trainer.model.state_dict(), checkpoint)
-    return checkpoint, evaluate(s.evaluator(job), job, trainer.model.state_dict())
+    public = (f"pre-trained without DP on {n_train} + {n_val} public cases ({PUBLIC_WHAT[s.name]}, seed 3), "
+              f"{epochs} epochs")  # fmt: skip
+    return checkpoint, evaluate(s.evaluator(job), job, trainer.model.state_dict()), public
+
+
+def dp_pretrained(s: Setup, recipe: str) -> list[Measurement]:
+    """The job's dp_pretrained profile: pre-trained on public data, fine-tuned at the sites without DP and with
+    DP-SGD at epsilon 8 and 1; and the pre-trained network before fine-tuning."""
+    checkpoint, start, public = pretrain(s)
+    job = s.job("dp_pretrained", ["demo", "dp_pretrained"], checkpoint)
+    plain = s.dense("dp_pretrained", job)
+    rows = [Measurement("dp", f"{job.key_metric} of the pre-trained network before fine-tuning ({public})", start,
+                        job.key_metric, reference=plain.metric, reference_what="fine-tuned, no DP")]  # fmt: skip
+    return rows + dp_runs(s, job, plain, f"the dp_pretrained profile: {public}, {recipe}")
 
 
 def dp(quick: bool, work: Path) -> list[Measurement]:
@@ -437,25 +465,16 @@ def dp(quick: bool, work: Path) -> list[Measurement]:
 
     CXR, the dp_pretrained profile: the BatchNorm DenseNet-121 pre-trained without DP on public data, then
     fine-tuned at the sites with its batch norms frozen in eval mode and only the last dense block and the
-    classifier trained. CT, the dp profile: SegResNet (GroupNorm) from scratch, one crop per volume. LUNA16, the dp
-    profile: the RetinaNet with group norm in its ResNet-50 backbone, from scratch, one patch per volume."""
-    s = setup(CXR, quick, work)
-    checkpoint, start = pretrain(s)
-    job = s.job("dp_pretrained", ["demo", "dp_pretrained"], checkpoint)
-    n_train, n_val, epochs = PUBLIC[1 if quick else 0]
-    public = f"pre-trained without DP on {n_train} public studies (NIH layout, 14 of 18 labels, seed 3), {epochs} epochs"
-    plain = s.dense("dp_pretrained", job)
-    rows = [Measurement("dp", f"{job.key_metric} of the pre-trained network before fine-tuning ({public})", start,
-                        job.key_metric, reference=plain.metric, reference_what="fine-tuned, no DP")]  # fmt: skip
-    rows += dp_runs(s, job, plain, f"the dp_pretrained profile: DenseNet-121 {public}, fine-tuned with batch norm "
-                                   "frozen, denseblock4 and the classifier trained")  # fmt: skip
-    ct = setup("ct_segmentation", quick, work)
-    job = ct.job("dp", ["demo", "dp"])
-    rows += dp_runs(ct, job, ct.dense("dp", job), "the dp profile: SegResNet, one crop per volume")
-    luna = setup("lung_nodule_detection", quick, work)
-    job = luna.job("dp", ["demo", "dp"])
-    return rows + dp_runs(luna, job, luna.dense("dp", job), "the dp profile: RetinaNet, ResNet-50 backbone with "
-                          "group norm, one patch per volume")  # fmt: skip
+    classifier trained. CT, the dp_pretrained profile: SegResNet (GroupNorm) pre-trained without DP on public data,
+    then its full-resolution decoder stage and output convolution fine-tuned, one crop per volume. LUNA16, the
+    dp_pretrained profile: the batch-norm RetinaNet pre-trained without DP on public data, then its batch norms
+    frozen and only its two output convolutions fine-tuned, one patch per volume."""
+    rows = dp_pretrained(setup(CXR, quick, work), "DenseNet-121 fine-tuned with batch norm frozen, denseblock4 and "
+                         "the classifier trained")  # fmt: skip
+    rows += dp_pretrained(setup("ct_segmentation", quick, work), "SegResNet fine-tuned: up_samples.2, up_layers.2 "
+                          "and conv_final trained, one crop per volume")  # fmt: skip
+    return rows + dp_pretrained(setup("lung_nodule_detection", quick, work), "RetinaNet fine-tuned with batch norm "
+                                "frozen, cls_logits and bbox_reg trained, one patch per volume")  # fmt: skip
 
 
 def dp_runs(s: Setup, job: JobConfig, plain: Outcome, recipe: str) -> list[Measurement]:

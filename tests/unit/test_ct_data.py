@@ -337,17 +337,28 @@ DP_POLICY = {"min_dataset_size": 1, "differential_privacy": {"enabled": True, "e
                                                              "max_grad_norm": 1.0}}  # fmt: skip
 
 
-def test_a_site_requiring_dp_trains_segresnet_with_dp_sgd_one_crop_per_volume(tmp_path, data_dir):
-    """Record-level DP-SGD (Opacus) on SegResNet (GroupNorm) with the dp profile's non-in-place activations: every
-    step is accounted for; more than one crop per volume is refused, naming the field and the site's policy."""
-    small = {
+def dp_small(**trainer) -> dict:
+    """A small SegResNet (8 initial filters) with the dp profiles' non-in-place ReLU, 2 rounds of 2 local epochs on
+    16^3 crops; ``trainer``: further trainer settings."""
+    return {
         "server": job_builder.merge(network_overlay(init_filters=8), {"server": {"num_rounds": 2, "components": [
             {"id": "persistor", "args": {"model": {"args": {"act": ["RELU", {"inplace": False}]}}}}]}}, "t")["server"],
-        "client": {"trainer": {"pixdim": [1.5, 1.5, 2.0], "roi_size": [16, 16, 16], "local_epochs": 2}},
+        "client": {"trainer": {"pixdim": [1.5, 1.5, 2.0], "roi_size": [16, 16, 16], "local_epochs": 2, **trainer}},
     }  # fmt: skip
+
+
+def dp_site_config(tmp_path: Path, data_dir: Path) -> Path:
+    """A site config whose CT dataset is ``data_dir`` and whose policy requires DP (DP_POLICY)."""
     site_config = tmp_path / "site_config.json"
     site_config.write_text(json.dumps({"data_root": str(data_dir.parent), "datasets": {ct.JOB_NAME: data_dir.name},
                                        "privacy": DP_POLICY}))  # fmt: skip
+    return site_config
+
+
+def test_a_site_requiring_dp_trains_segresnet_with_dp_sgd_one_crop_per_volume(tmp_path, data_dir):
+    """Record-level DP-SGD (Opacus) on SegResNet (GroupNorm) with the dp profile's non-in-place activations: every
+    step is accounted for; more than one crop per volume is refused, naming the field and the site's policy."""
+    small, site_config = dp_small(), dp_site_config(tmp_path, data_dir)
     set_determinism(seed=0)
     trainer = ct.build(build_job(tmp_path, "demo", small), SiteConfig(site_config), torch.device("cpu"))
     initial = {name: value.clone() for name, value in trainer.model.state_dict().items()}
@@ -360,6 +371,29 @@ def test_a_site_requiring_dp_trains_segresnet_with_dp_sgd_one_crop_per_volume(tm
     with pytest.raises(ValueError, match=r"config_fed_client.json: trainer.num_samples is 2, and this site requires "
                                          r"differential privacy \(.*site_config.json\)"):  # fmt: skip
         ct.build(build_job(tmp_path / "crops", "demo", crops), SiteConfig(site_config), torch.device("cpu"))
+
+
+def test_dp_fine_tuning_trains_only_the_dp_pretrained_profiles_layers(tmp_path, data_dir):
+    """The dp_pretrained recipe: DP-SGD (Opacus) on the layers the profile names (the full-resolution decoder stage
+    and the output convolution); every other weight stays as the server sent it. An unknown layer is named with
+    its config file."""
+    profile = json.loads((REPO / "job_configs/ct_segmentation/profiles/dp_pretrained.json").read_text())
+    trained_layers = profile["client"]["trainer"]["trained_layers"]
+    small = dp_small(num_samples=1, trained_layers=trained_layers)
+    site_config = dp_site_config(tmp_path, data_dir)
+    set_determinism(seed=0)
+    trainer = ct.build(build_job(tmp_path, "demo", small), SiteConfig(site_config), torch.device("cpu"))
+    initial = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    mean_loss, steps = trainer.train()
+    assert math.isfinite(mean_loss) and steps == trainer.dp_accounting()["dp_steps"] > 0
+    changed = {name for name, value in trainer.model.state_dict().items() if not torch.equal(value, initial[name])}
+    assert "conv_final.2.conv.weight" in changed and any(name.startswith("up_layers.2.") for name in changed)
+    assert all(name.startswith(tuple(f"{layer}." for layer in trained_layers)) for name in changed), changed
+
+    unknown = job_builder.merge(small, {"client": {"trainer": {"trained_layers": ["up_layers.7"]}}}, "t")
+    with pytest.raises(ValueError, match="config_fed_client.json: trainer.trained_layers: 'up_layers.7' not a module "
+                                         "of SegResNet"):  # fmt: skip
+        ct.build(build_job(tmp_path / "unknown", "demo", unknown), SiteConfig(site_config), torch.device("cpu"))
 
 
 def logits_of(prediction: torch.Tensor, n_classes: int) -> torch.Tensor:

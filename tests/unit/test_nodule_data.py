@@ -485,6 +485,28 @@ def test_a_site_requiring_dp_trains_the_retinanet_with_dp_sgd_one_patch_per_volu
         lnd.build(build_job(tmp_path / "patches", "demo", patches), SiteConfig(site_config), torch.device("cpu"))
 
 
+def test_dp_fine_tuning_keeps_batch_norm_frozen_and_trains_only_the_profiles_layers(tmp_path, generated):
+    """The dp_pretrained recipe: DP-SGD (Opacus) on the batch-norm RetinaNet (a ResNet-10 backbone here) with its
+    batch norms frozen in eval mode and only the layers the profile names trained; everything else, batch norm
+    statistics included, stays as the server sent it."""
+    profile = json.loads((REPO / "job_configs" / lnd.JOB_NAME / "profiles" / "dp_pretrained.json").read_text())
+    trainer_settings = {k: profile["client"]["trainer"][k] for k in ("batch_size", "freeze_batch_norm", "trained_layers")}
+    overlay = {"server": {"num_rounds": 2, "components": [
+        {"id": "persistor", "args": {"model": {"args": {"backbone_layers": [1, 1, 1, 1]}}}}]},
+        "client": {"trainer": {"local_epochs": 2, "max_val_samples": 1, **trainer_settings}}}  # fmt: skip
+    site_config = tmp_path / "site_config.json"
+    site_config.write_text(json.dumps({"data_root": str(generated.parent), "datasets": {lnd.JOB_NAME: generated.name},
+                                       "privacy": DP_POLICY}))  # fmt: skip
+    set_determinism(seed=0)
+    trainer = lnd.build(build_job(tmp_path, "demo", overlay), SiteConfig(site_config), torch.device("cpu"))
+    initial = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    mean_loss, steps = trainer.train()
+    assert np.isfinite(mean_loss) and steps == trainer.dp_accounting()["dp_steps"] > 0
+    changed = {name for name, value in trainer.model.state_dict().items() if not torch.equal(value, initial[name])}
+    assert changed and all(name.startswith(tuple(trainer_settings["trained_layers"])) for name in changed), changed
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in trainer.model.modules())  # frozen, not replaced
+
+
 def test_an_empty_poisson_batch_and_a_patch_without_nodule_are_dp_sgd_steps(tmp_path, generated):
     """Poisson sampling can draw no volume: Opacus cannot empty the first batch's structure (its samples hold
     strings, the series uid), so the trainer asks for an empty list; the loss is zero, through the network (the
