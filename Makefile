@@ -40,11 +40,15 @@ help: ## List the targets
 check-vars:
 	@source scripts/common.sh && check_make_vars
 
-$(VENV): requirements.txt requirements-coordinator.txt | check-vars
+$(VENV): requirements.txt requirements-coordinator.txt constraints.txt | check-vars
 	scripts/setup.sh
 
 .PHONY: setup
 setup: check-vars $(VENV) ## Install Debian tools and the pinned project venv (.venv)
+
+.PHONY: lock
+lock: check-vars ## Pin every package the requirements resolve to today in constraints.txt (then make setup, make test)
+	scripts/lock.sh
 
 .PHONY: provision
 provision: check-vars $(VENV) ## Provision kits and mTLS certificates from provision/project.yml (keeps the root CA; HE=1 adds CKKS contexts)

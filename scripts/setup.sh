@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the project needs: Debian tools and the pinned project venv.
-# Idempotent; `make` runs it whenever requirements.txt or requirements-coordinator.txt is newer than the venv.
+# Idempotent; `make` runs it whenever requirements.txt, requirements-coordinator.txt or constraints.txt is newer than
+# the venv.
 source "$(dirname "$0")/common.sh"
 
 # openssh-server, iproute2: the SSH test hosts of tests/deploy; docker-compose: compose files of the container runtime;
@@ -17,8 +18,8 @@ if [[ ! -x $VENV/bin/python ]]; then
   echo "creating $VENV"
   python3 -m venv "$VENV"
 fi
-echo "installing requirements.txt and requirements-coordinator.txt into $VENV (first time: a few minutes)"
+echo "installing requirements.txt and requirements-coordinator.txt into $VENV, as constraints.txt pins them (first time: a few minutes)"
 "$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q -r "$REPO/requirements.txt" -r "$REPO/requirements-coordinator.txt"
+"$VENV/bin/pip" install -q -r "$REPO/requirements.txt" -r "$REPO/requirements-coordinator.txt" -c "$REPO/constraints.txt"
 "$VENV/bin/pip" check
 touch "$VENV/.installed"

@@ -21,9 +21,12 @@ export HCLS_PROJECT_YML=$PROJECT_YML   # for inventories that list the participa
 
 # Every host of $INVENTORY reached over SSH (SITE: only that one), as lines "name address port".
 ssh_hosts() {
-  local listed
-  listed=$(cd "$REPO/ansible" && ansible-inventory -i "$INVENTORY" --list 2>&1) \
-    || die "ansible-inventory -i $INVENTORY failed: $listed"
+  local listed errors
+  errors=$(mktemp)
+  # stdout alone is the inventory: Ansible and its libraries warn on stderr (e.g. cryptography's deprecations)
+  listed=$(cd "$REPO/ansible" && ansible-inventory -i "$INVENTORY" --list 2>"$errors") \
+    || die "ansible-inventory -i $INVENTORY failed: $(cat "$errors")"
+  rm -f "$errors"
   jq -r --arg site "$site" '
     ._meta.hostvars as $vars
     | [.[] | objects | .hosts? // empty | .[]] | unique | .[]

@@ -334,6 +334,20 @@ def test_ports_and_site_names_have_one_source():
                                                          "ansible/inventories/production/hosts.yml"}, site  # fmt: skip
 
 
+def test_constraints_pin_every_requirement_at_its_chosen_version():
+    """constraints.txt (make lock) pins the whole venv; what requirements*.txt choose it pins at the same version."""
+    def pins(path: Path) -> dict:
+        lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+        return {re.sub(r"\[.*\]", "", name).lower().replace("_", "-"): version
+                for name, _, version in (line.partition("==") for line in lines if line)}  # fmt: skip
+    locked = pins(REPO / "constraints.txt")
+    assert all(locked.values()), "constraints.txt: every line is name==version"
+    for requirements in ("requirements.txt", "requirements-coordinator.txt"):
+        for name, version in pins(REPO / requirements).items():
+            assert name in locked, f"{requirements}: {name} is not in constraints.txt (make lock)"
+            assert version in ("", locked[name]), f"{requirements}: {name}=={version}, constraints.txt: {locked[name]}"
+
+
 # ---------------------------------------------------------------- federation and sites
 
 

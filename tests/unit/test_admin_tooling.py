@@ -363,7 +363,7 @@ def test_every_target_checks_its_variables_before_setup():
     with_venv = {target: prereqs.split() for target, prereqs in rules if "$(VENV)" in prereqs}
     assert len(with_venv) > 15
     assert {t: p[:2] for t, p in with_venv.items()} == {t: ["check-vars", "$(VENV)"] for t in with_venv}
-    venv_rule = r"^\$\(VENV\): requirements.txt requirements-coordinator.txt \| check-vars$"
+    venv_rule = r"^\$\(VENV\): requirements.txt requirements-coordinator.txt constraints.txt \| check-vars$"
     assert re.search(venv_rule, (REPO / "Makefile").read_text(), flags=re.M)
 
 
