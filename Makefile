@@ -24,7 +24,7 @@ INVENTORY ?= ansible/inventories/local/hosts.sh
 # make), reaches the recipes only through the environment (recipes pass "$$SITE", which the shell expands as one
 # word, never $(SITE), which make would paste into the command line), and is checked by check-vars
 # (scripts/common.sh check_make_vars: a strict pattern per variable) before any target does anything.
-USER_VARS := SITE JOB JOB_ID PROFILE WAIT DEST KEEP HE FORCE INSTALL TIMEOUT SERVER_HOST ORG HOST ONLY QUICK INVENTORY
+USER_VARS := SITE JOB JOB_ID PROFILE WAIT DEST DATA EPOCHS KEEP HE FORCE INSTALL TIMEOUT SERVER_HOST ORG HOST ONLY QUICK INVENTORY
 $(foreach v,$(USER_VARS),$(eval override $(v) := $$(value $(v))))
 export $(USER_VARS)
 
@@ -33,7 +33,7 @@ VENV := .venv/.installed
 .PHONY: help
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: SITE=<participant> JOB=<job or job folder> JOB_ID= PROFILE=demo WAIT=1 TIMEOUT=<s> DEST=<dir> KEEP=1 HE=1 FORCE=1 INSTALL=1 SERVER_HOST=<server name> ORG=<org> HOST=<address> ONLY=<rows> QUICK=1 INVENTORY=<file>"
+	@echo "  variables: SITE=<participant> JOB=<job or job folder> JOB_ID= PROFILE=demo WAIT=1 TIMEOUT=<s> DEST=<dir> DATA=<dir> EPOCHS=<n> KEEP=1 HE=1 FORCE=1 INSTALL=1 SERVER_HOST=<server name> ORG=<org> HOST=<address> ONLY=<rows> QUICK=1 INVENTORY=<file>"
 
 # check-vars comes first: a target whose variables are wrong stops before setup or anything else runs.
 .PHONY: check-vars
@@ -101,6 +101,10 @@ wait: check-vars $(VENV) ## Follow a submitted job until it ends, reconnecting i
 .PHONY: abort
 abort: check-vars $(VENV) ## Abort a running job on the server and every site (JOB_ID=)
 	$(if $(JOB_ID),,$(error JOB_ID is not set: make abort JOB_ID=<id>))scripts/abort.sh "$$JOB_ID"
+
+.PHONY: pretrain
+pretrain: check-vars $(VENV) ## Pre-train JOB's network on a public data set as it ships (DATA=, EPOCHS=10) into custom/pretrained/<JOB>.pt (DEST=<dir>)
+	scripts/pretrain.sh "$$JOB" "$$DATA" "$$EPOCHS" "$$DEST" "$$PROFILE"
 
 .PHONY: fetch-model
 fetch-model: check-vars $(VENV) ## Download the best global model to models/<JOB>/ (JOB=, JOB_ID=, DEST=)

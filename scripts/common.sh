@@ -36,6 +36,7 @@ valid() {
     job_id) re='^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$' ;;
     seconds) re='^[1-9][0-9]{0,8}$' ;;
     number) re='^[0-9]{1,9}$' ;;
+    count) re='^[1-9][0-9]{0,5}$' ;;
     org) re='^[A-Za-z0-9_]+$' ;;
     rows) re='^[a-z_]+(,[a-z_]+)*$' ;;
     host) (( ${#value} <= 253 )) || return 1
@@ -55,6 +56,7 @@ describe() {
     job_id) echo "an NVFlare job id: a UUID (8-4-4-4-12 hexadecimal digits)" ;;
     seconds) echo "a whole number of seconds > 0: digits" ;;
     number) echo "a number: digits" ;;
+    count) echo "a whole number > 0: digits" ;;
     org) echo "an NVFlare org name: letters, digits, _" ;;
     rows) echo "benchmark rows: lower-case names separated by commas" ;;
     host) echo "a host name: letters, digits, _ - in labels separated by dots" ;;
@@ -101,6 +103,8 @@ check_make_vars() {
   check_var PROFILE "${PROFILE:-}" profile
   for var in WAIT KEEP HE FORCE INSTALL QUICK; do flag "$var" >/dev/null; done
   check_var DEST "${DEST:-}" path
+  check_var DATA "${DATA:-}" path
+  check_var EPOCHS "${EPOCHS:-}" count
   check_timeout
   check_var SERVER_HOST "${SERVER_HOST:-}" host
   check_var ORG "${ORG:-}" org

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,17 +253,57 @@ def test_pre_trained_weights_named_by_a_profile_must_exist_inside_custom(tmp_pat
         assert not (tmp_path / "job").exists()
 
 
-def test_pre_trained_weights_named_relatively_travel_inside_the_job(tmp_path, monkeypatch):
-    repo = tmp_path / "repo"  # a repository whose custom/ holds the job's package and the weights
+def repo_with_weights(tmp_path, monkeypatch, job: str, weights) -> dict:
+    """A repository whose custom/ holds the job's package and ``weights`` as pretrained/<job>.pt (torch.save'd, or
+    bytes as they are); job_builder reads it. The job's dp_pretrained configuration."""
+    repo = tmp_path / "repo"
     (repo / "custom" / "pretrained").mkdir(parents=True)
     (repo / "custom" / "hcls").symlink_to(REPO / "custom" / "hcls")
-    (repo / "custom" / "pretrained" / "cxr_classification.pt").write_bytes(b"weights")
-    config = job_builder.resolve("cxr_classification", "dp_pretrained")
+    path = repo / "custom" / "pretrained" / f"{job}.pt"
+    path.write_bytes(weights) if isinstance(weights, bytes) else torch.save(weights, path)
+    config = job_builder.resolve(job, "dp_pretrained")
     monkeypatch.setattr(job_builder, "REPO", repo)
+    return config
+
+
+def test_pre_trained_weights_named_relatively_travel_inside_the_job(tmp_path, monkeypatch):
+    config = job_builder.resolve("cxr_classification", "dp_pretrained")
+    weights = JobConfig.from_job_folder(built_now(config, tmp_path / "unchecked")).build_network().state_dict()
+    config = repo_with_weights(tmp_path, monkeypatch, "cxr_classification", weights)
     job = job_builder.write_job(config, tmp_path / "job")
-    assert (job / "app" / "custom" / "pretrained" / "cxr_classification.pt").read_bytes() == b"weights"
+    shipped = torch.load(job / "app" / "custom" / "pretrained" / "cxr_classification.pt", weights_only=True)
+    assert shipped.keys() == weights.keys() and all(torch.equal(shipped[k], weights[k]) for k in weights)
     persistor = component(json.loads((job / "app" / "config" / "config_fed_server.json").read_text()), "persistor")
     assert persistor["args"]["source_ckpt_file_full_name"] == "pretrained/cxr_classification.pt"  # NVFlare: in custom/
+
+
+def built_now(config: dict, out: Path) -> Path:
+    """``config`` written as a job folder with its pre-trained weights named by an absolute path (not checked)."""
+    config = json.loads(json.dumps(config))
+    job_builder.persistor_args(config["server"])["source_ckpt_file_full_name"] = str(out / "weights.pt")
+    return job_builder.write_job(config, out)
+
+
+def test_pre_trained_weights_that_do_not_fit_the_network_are_named_before_the_job_is_built(tmp_path, monkeypatch):
+    """Weights of another network, a checkpoint that is not a state_dict, a file torch cannot read: each is an error
+    naming the field and the file when the job is built (NVFlare's persistor would fail only at the job's start)."""
+    ct = JobConfig.from_job_folder(built_now(job_builder.resolve("ct_segmentation"), tmp_path / "ct"))
+    fourteen = job_builder.resolve("cxr_classification")  # NIH ChestX-ray14's outputs, not the job's 18
+    job_builder.persistor_args(fourteen["server"])["model"]["args"]["out_channels"] = 14
+    fourteen = JobConfig.from_job_folder(built_now(fourteen, tmp_path / "fourteen"))
+    field = "server component persistor: args.source_ckpt_file_full_name 'pretrained/cxr_classification.pt'"
+    for weights, problem in ((ct.build_network().state_dict(), r"does not fit the job's network monai.networks."
+                              r"nets.DenseNet121: \d+ of its keys missing, first features.conv0.weight; \d+ keys it "
+                              r"does not have, first convInit.conv.weight$"),
+                             (fourteen.build_network().state_dict(), r"does not fit .*: 2 of another shape, first "
+                              r"class_layers.out.weight \(14, 1024\), the network's \(18, 1024\)$"),
+                             ({"epoch": 3, "model": {}}, "does not fit .*; 2 keys it does not have, first epoch$"),
+                             ([1, 2], "holds a list, not a state_dict"),
+                             (b"not a checkpoint", "is not a state_dict saved with torch.save")):  # fmt: skip
+        config = repo_with_weights(tmp_path / str(len(problem)), monkeypatch, "cxr_classification", weights)
+        with pytest.raises(job_builder.BuildError, match=re.escape(field) + ": .*cxr_classification.pt " + problem):
+            job_builder.write_job(config, tmp_path / "job")
+        assert not (tmp_path / "job").exists()
 
 
 def test_fewer_sites_is_a_job_option_and_bad_fault_settings_are_named(tmp_path):

@@ -20,10 +20,12 @@ waits at most ``server.train_timeout`` seconds for them (see ``check_fault_toler
 ``custom/*.py`` and the ``custom/hcls`` package; the site's own code (``custom/site_privacy``), the server's
 (``custom/job_recovery``), the data generators and this tooling never travel with a job. Pre-trained initial
 weights named by the persistor's ``source_ckpt_file_full_name`` as a relative path travel with the job from
-``custom/<that path>`` (NVFlare reads a relative name in the job's ``custom/`` folder; an absolute one on the server).
+``custom/<that path>`` (NVFlare reads a relative name in the job's ``custom/`` folder; an absolute one on the server),
+checked against the job's network first (``make pretrain`` writes them: ``ops/pretrain.py``).
 """
 
 import argparse
+import importlib
 import json
 import re
 import shutil
@@ -234,8 +236,34 @@ def source_checkpoint(config: dict) -> str | None:
         raise BuildError(f"{where} {name!r}: a relative name may not contain '..'")
     if not (REPO / "custom" / name).is_file():
         raise BuildError(f"{where} {name!r}: no file custom/{name} (the pre-trained weights: a state_dict of the "
-                         "job's network, saved with torch.save)")  # fmt: skip
+                         "job's network, saved with torch.save; make pretrain writes it)")  # fmt: skip
+    check_checkpoint(persistor_args(config["server"]).get("model", {}), REPO / "custom" / name, f"{where} {name!r}")
     return name
+
+
+def check_checkpoint(network: dict, path: Path, where: str) -> None:
+    """BuildError naming ``where`` unless ``path`` is a ``state_dict`` with exactly the keys and shapes of
+    ``network`` (``{"path", "args"}``): NVFlare's persistor would otherwise fail only when the job starts."""
+    import torch  # here: building a job without pre-trained weights needs no torch
+
+    module, _, name = network.get("path", "").rpartition(".")
+    expected = getattr(importlib.import_module(module), name)(**network.get("args", {})).state_dict()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several kinds for a file that is not its own
+        raise BuildError(f"{where}: {path} is not a state_dict saved with torch.save ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from err  # fmt: skip
+    if not isinstance(state, dict):
+        raise BuildError(f"{where}: {path} holds a {type(state).__name__}, not a state_dict")
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)}, the network's {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(getattr(state[k], "shape", ())) != tuple(v.shape)]  # fmt: skip
+    problems = [f"{len(keys)} {what}, first {keys[0]}" for keys, what in (
+        (missing, "of its keys missing"), (unexpected, "keys it does not have"), (shapes, "of another shape")) if keys]
+    if problems:
+        raise BuildError(f"{where}: {path} does not fit the job's network {network.get('path')}: "
+                         f"{'; '.join(problems)}")  # fmt: skip
 
 
 def main(argv=None) -> int:

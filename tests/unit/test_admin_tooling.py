@@ -295,7 +295,7 @@ TARGETS = {  # each variable, with a target that uses it
     "SITE": "deploy", "JOB": "fetch-model", "JOB_ID": "wait", "PROFILE": "submit", "WAIT": "submit",
     "DEST": "fetch-model", "KEEP": "demo", "HE": "provision", "FORCE": "deploy", "INSTALL": "approve",
     "TIMEOUT": "wait", "SERVER_HOST": "provision", "INVENTORY": "status", "ORG": "add-site", "HOST": "add-site",
-    "ONLY": "bench", "QUICK": "bench",
+    "ONLY": "bench", "QUICK": "bench", "DATA": "pretrain", "EPOCHS": "pretrain",
 }  # fmt: skip
 ALLOWED = {
     "SITE": "a participant name: letters, digits, _ . -",
@@ -303,6 +303,8 @@ ALLOWED = {
     "JOB_ID": "an NVFlare job id: a UUID",
     "PROFILE": "a profile name (letters, digits, _ -) or a .json file",
     "DEST": "a path: letters, digits, space and _ . / + , = @ % : -",
+    "DATA": "a path: letters, digits, space and _ . / + , = @ % : -",
+    "EPOCHS": "a whole number > 0: digits",
     "TIMEOUT": "a whole number of seconds > 0: digits",
     "SERVER_HOST": "a host name",
     "HOST": "a host name",
@@ -351,7 +353,7 @@ def test_good_values_pass_including_a_job_folder_with_a_space(tmp_path):
     job.mkdir(parents=True)
     (job / "meta.json").write_text("{}")
     ok = make(tmp_path, "check-vars", "SITE=hospital_a", f"JOB={job}", f"JOB_ID={UUID}", "PROFILE=demo", "WAIT=yes",
-              f"DEST={tmp_path / 'a b'}", "KEEP=0", "HE=False", "FORCE=TRUE", "INSTALL=1", "TIMEOUT=30",
+              f"DEST={tmp_path / 'a b'}", "KEEP=0", "HE=False", "FORCE=TRUE", "INSTALL=1", "TIMEOUT=30", f"DATA={tmp_path / 'NIH data'}", "EPOCHS=12",
               "SERVER_HOST=flare.hcls.example.org", "INVENTORY=ansible/inventories/local/hosts.sh", "ORG=hospital_a",
               "HOST=10.77.0.13")  # fmt: skip
     assert ok.returncode == 0, ok.stderr
