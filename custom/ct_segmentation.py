@@ -860,7 +860,7 @@ def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     inferer = make_inferer(trainer)
 
     model = job.build_network().to(device)
-    trained = train_only(model, trainer.get("trained_layers"), False, f"{job.client_path}: trainer.trained_layers")
+    trained = train_only(model, trainer, job.client_path)
     optimizer = build_optimizer(trainer, job.client_path, trained)
     loss_fn = build_loss(trainer, job.client_path).to(device)
     dp_accounting = None

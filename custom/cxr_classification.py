@@ -256,8 +256,7 @@ def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
     val_loader = make_loader(val_records, trainer, train=False)
 
     model = job.build_network().to(device)
-    trained = train_only(model, trainer.get("trained_layers"), trainer.get("freeze_batch_norm", False),
-                         f"{job.client_path}: trainer.trained_layers")  # fmt: skip
+    trained = train_only(model, trainer, job.client_path)
     optimizer = build_optimizer(trainer, job.client_path, trained)
     loss_fn = build_by_name(torch.nn, trainer["loss"], job.client_path, "loss", reduction="none")
     dp_accounting = None

@@ -837,8 +837,7 @@ def build(job: JobConfig, site: SiteConfig, device: torch.device) -> Trainer:
 
     amp = bool(trainer.get("amp", True)) and device.type == "cuda" and not site.dp_policy
     network = job.build_network()
-    trained = train_only(network, trainer.get("trained_layers"), trainer.get("freeze_batch_norm", False),
-                         f"{job.client_path}: trainer.trained_layers")  # fmt: skip
+    trained = train_only(network, trainer, job.client_path)
     detector = build_detector(network, trainer, job.client_path, "sum" if site.dp_policy else "mean").to(device)
     optimizer = build_optimizer(trainer, job.client_path, trained)
     dp_accounting = None

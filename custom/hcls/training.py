@@ -8,6 +8,7 @@ exchanged with the server, how to train it for one round and how to evaluate it.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,17 +22,20 @@ class Trainer:
     dp_accounting: Callable[[], dict] | None = None  # DP meta of each result (hcls.dp_sgd.Accounting) when the site runs DP
 
 
-def train_only(model: torch.nn.Module, trained_layers: list[str] | None, freeze_batch_norm: bool, where: str):
-    """Fine-tuning: train only the parameters under ``trained_layers`` (module names, e.g. ``features.denseblock4``;
-    None or empty: all), and with ``freeze_batch_norm`` no batch norm. A batch norm outside the trained layers, or
-    every one with ``freeze_batch_norm``, is frozen whole: no trained parameter, and ``set_train_mode`` keeps it in
-    eval mode, normalising with its stored statistics (a fixed per-channel affine map, which DP-SGD accepts: it no
-    longer mixes the samples of a batch). Returns the trained parameters; ValueError naming ``where`` (file and
-    field) for a name that is not one of the model's modules."""
+def train_only(model: torch.nn.Module, trainer: dict, config_path: Path):
+    """Fine-tuning, as the job's ``trainer`` settings (from ``config_path``) say: train only the parameters under
+    ``trained_layers`` (module names, e.g. ``features.denseblock4``; absent or empty: all), and with
+    ``freeze_batch_norm`` no batch norm. A batch norm outside the trained layers, or every one with
+    ``freeze_batch_norm``, is frozen whole: no trained parameter, and ``set_train_mode`` keeps it in eval mode,
+    normalising with its stored statistics (a fixed per-channel affine map, which DP-SGD accepts: it no longer
+    mixes the samples of a batch). Returns the trained parameters; ValueError naming the file and field for a name
+    that is not one of the model's modules."""
+    trained_layers, freeze_batch_norm = trainer.get("trained_layers"), trainer.get("freeze_batch_norm", False)
     names = dict(model.named_modules())
     unknown = [name for name in trained_layers or [] if name not in names]
     if unknown:
-        raise ValueError(f"{where}: {', '.join(map(repr, unknown))} not a module of {type(model).__name__}")
+        raise ValueError(f"{config_path}: trainer.trained_layers: {', '.join(map(repr, unknown))} not a module of "
+                         f"{type(model).__name__}")  # fmt: skip
     if trained_layers:
         for param in model.parameters():
             param.requires_grad_(False)
