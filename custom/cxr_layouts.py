@@ -226,7 +226,11 @@ def detect_layout(data_dir: Path, named: str | None = None, where="the site conf
         return "chexpert"
     if (data_dir / NIH_ENTRY).is_file():
         return "nih"
-    return "project"
+    if (data_dir / "train.csv").is_file() or (data_dir / "val.csv").is_file():
+        return "project"
+    raise ValueError(f"{data_dir}: not a chest X-ray dataset this job reads: no CheXpert-v1.0*/ folder with "
+                     f"{' or '.join(CHEXPERT_SPLITS)} (CheXpert), no {NIH_ENTRY} (NIH ChestX-ray14), no train.csv or "
+                     "val.csv (the project's layout)")  # fmt: skip
 
 
 # ---------------------------------------------------------------- CSV readers

@@ -395,7 +395,16 @@ def detect_layout(data_dir: Path) -> str:
     ``annotations.csv``) or ``"nifti"`` (``images/``, ``annotations/annotations.csv``, split lists)."""
     data_dir = Path(data_dir)
     subsets = [p for p in data_dir.glob("subset*") if p.is_dir() and next(p.glob("*.mhd"), None) is not None]
-    return "luna16" if subsets and (data_dir / LUNA16_ANNOTATIONS_CSV).is_file() else "nifti"
+    if subsets and (data_dir / LUNA16_ANNOTATIONS_CSV).is_file():
+        return "luna16"
+    if (data_dir / "images").is_dir() or (data_dir / ANNOTATIONS_CSV).is_file():
+        return "nifti"
+    if subsets:
+        raise ValueError(f"{data_dir}: {len(subsets)} subset*/ folders of .mhd series but no {LUNA16_ANNOTATIONS_CSV} "
+                         "beside them (LUNA16 as distributed: put its annotations.csv there)")  # fmt: skip
+    raise ValueError(f"{data_dir}: not a nodule dataset this job reads: no subset*/ folders of .mhd series with "
+                     f"{LUNA16_ANNOTATIONS_CSV} (LUNA16 as distributed), no images/ or {ANNOTATIONS_CSV} (the NIfTI "
+                     "layout)")  # fmt: skip
 
 
 def luna16_split(site: SiteConfig) -> dict[str, list[int]]:

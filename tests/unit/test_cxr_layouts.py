@@ -119,6 +119,10 @@ def test_layout_detection(trees, tmp_path):
     assert layouts.detect_layout(trees["project"], "nih") == "nih"  # named by the site
     with pytest.raises(ValueError, match="site_config.json: dataset_layouts.cxr_classification 'mimic'"):
         layouts.detect_layout(trees["project"], "mimic", tmp_path / "site_config.json")
+    (tmp_path / "mimic-cxr-jpg").mkdir()  # a release the job does not read: each layout's marker file is named
+    with pytest.raises(ValueError, match=r"mimic-cxr-jpg: not a chest X-ray dataset this job reads: no CheXpert-v1.0\*/ "
+                       r"folder with train.csv or valid.csv \(CheXpert\), no Data_Entry_2017.csv \(NIH ChestX-ray14\)"):
+        layouts.detect_layout(tmp_path / "mimic-cxr-jpg")
     site = site_config(tmp_path / "site_config.json", trees["nih"], "nih")
     assert cxr.site_layout(site, trees["nih"]) == ("nih", "site config")
 

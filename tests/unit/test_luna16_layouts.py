@@ -5,6 +5,7 @@ data-check summary and its ``--check`` CLI, and one real build / train / evaluat
 import csv
 import importlib.util
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -179,7 +180,11 @@ def test_layout_detection(tmp_path, generated):
     assert lnd.detect_layout(tmp_path / "nifti") == "nifti"
     copy = Path(shutil.copytree(generated, tmp_path / "no_csv"))
     (copy / "annotations.csv").unlink()
-    assert lnd.detect_layout(copy) == "nifti"  # then the NIfTI checks name the missing files
+    with pytest.raises(ValueError, match=re.escape(f"{copy}: 4 subset*/ folders of .mhd series but no annotations.csv")):
+        lnd.detect_layout(copy)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'empty'}: not a nodule dataset this job reads")):
+        lnd.detect_layout(tmp_path / "empty")
 
 
 # ---------------------------------------------------------------- split and checks
