@@ -24,6 +24,7 @@ from monai.utils import set_determinism
 
 from hcls.job_config import JobConfig, persistor_args
 from hcls.site_config import SiteConfig
+from hcls.training import default_device
 from ops import job_builder
 
 SEED = 0
@@ -51,7 +52,7 @@ def public_site(job: str, data: Path, work: Path) -> SiteConfig:
 def pretrain(job: JobConfig, site: SiteConfig, epochs: int, out: Path, device: torch.device | None = None) -> float:
     """Train ``job``'s network with its trainer on ``site``'s data for ``epochs`` epochs; write the best epoch's
     ``state_dict`` (by the job's key metric on the data's validation split) to ``out``. Returns that metric."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     set_determinism(seed=SEED)
     trainer = importlib.import_module(Path(job.client["app_script"]).stem).build(job, site, device)
     best, best_state = float("-inf"), None
