@@ -4,9 +4,15 @@ not tests; the figures themselves are not checked here (README "Measured", bench
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "custom"))
+
+from ops import ssh_test_hosts  # noqa: E402
 
 
 def bench(tmp_path, *args):
@@ -21,15 +27,24 @@ def test_an_unknown_row_is_refused(tmp_path):
     assert run.returncode != 0 and f"ONLY=nothing: no row nothing (rows: {rows})" in run.stderr, run.stderr
 
 
-def test_the_operations_row_measures_provision_and_deploys(tmp_path):
+def test_the_operations_row_measures_provision_and_deploys_locally_and_over_ssh(tmp_path):
     run = bench(tmp_path, "ONLY=operations", "QUICK=1")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads((tmp_path / "results" / "bench.json").read_text())["rows"]
-    assert [r["what"].split(",")[0] for r in rows] == [
-        "`make provision`", "first `make deploy`", "no-op `make deploy` (changed=0)"]  # fmt: skip
+    if reason := ssh_test_hosts.can_make_hosts():  # the row says so and leaves the SSH deploys out
+        assert f"no deploys over SSH: {reason}" in run.stdout and len(rows) == 3, rows
+        pytest.skip(reason)
+    assert [r["what"].split(",")[:2] for r in rows] == [
+        ["`make provision`", " 3 participants + admin (1 run (QUICK))"],
+        ["first `make deploy`", " 3 local participants (1 run (QUICK))"],
+        ["no-op `make deploy` (changed=0)", " 3 local participants (1 run (QUICK))"],
+        ["first `make deploy`", " 3 SSH test hosts (network namespaces"],
+        ["no-op `make deploy` (changed=0)", " 3 SSH test hosts (network namespaces"],
+    ]  # fmt: skip
     assert all(r["value"] > 0 and r["row"] == "operations" for r in rows), rows
-    assert [r["target"] for r in rows] == ["", "<= 30 s", "<= 15 s"]
+    assert [r["target"] for r in rows] == ["", "<= 30 s", "<= 15 s", "<= 30 s", "<= 15 s"]
     assert (tmp_path / "results" / "bench.md").read_text().strip() in run.stdout  # printed as written
+    assert "hclsd-h0" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
 def test_the_learning_rows_measure_fedavg_against_centralized_per_job_bandwidth_and_dp(tmp_path):
