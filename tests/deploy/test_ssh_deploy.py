@@ -28,6 +28,23 @@ def test_second_deploy_changes_nothing(deployed):
     assert recap(again.stdout) == {name: (0, 0, 0) for name in HOSTS}, again.stdout
 
 
+def test_a_deploy_puts_back_what_was_changed_on_a_host(deployed):
+    """A deploy that changes nothing runs no module for what one look at the host found as it would set it (users,
+    the control script, the unit and its start at boot, the server's /etc/hosts line): changed by hand, each is put
+    back by the next deploy, and the one after changes nothing again."""
+    name, ws = "hospital_a", "/opt/hcls-flare/hospital_a"
+    on_host(deployed, name, f"systemctl disable hcls-flare-{name}.service && chmod 0700 {ws}/flarectl.sh && "
+            "gpasswd -d flare-job flare && usermod -s /bin/sh flare && sed -i 's/^.* flare-server$/10.77.0.99 flare-server/' /etc/hosts")  # fmt: skip
+    fixed = run("deploy.sh", name, env=deployed["env"])
+    assert recap(fixed.stdout)[name][0] >= 5, fixed.stdout
+    h = host(name, deployed["inventory"])
+    assert h.service(f"hcls-flare-{name}.service").is_enabled and h.file(f"{ws}/flarectl.sh").mode == 0o750
+    assert "flare" in h.user("flare-job").groups and h.user("flare").shell == "/usr/sbin/nologin"
+    assert f"{HOSTS['flare-server']} flare-server" in h.file("/etc/hosts").content_string.splitlines()
+    again = run("deploy.sh", name, env=deployed["env"])
+    assert recap(again.stdout) == {name: (0, 0, 0)}, again.stdout
+
+
 @pytest.mark.parametrize("name", list(HOSTS))
 def test_host_state(deployed, name):
     h = host(name, deployed["inventory"])
