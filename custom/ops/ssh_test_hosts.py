@@ -4,7 +4,8 @@ machine: a pid namespace whose PID 1 is systemd (the host's supervisor of the pa
 sshd as a unit. Each host has its own /etc, /opt, /root, /tmp and /run (bind mounts and a tmpfs in its mount
 namespace) and its own cgroup (hclsd/<host> in systemd's hierarchies); units a container does not need are masked
 in its /etc. The hosts have the project venv at /opt/hcls-flare/venv (read-only), as production hosts have theirs.
-Needs root and openssh-server (scripts/setup.sh installs it)."""
+Needs root and openssh-server (scripts/setup.sh installs it). One set at a time on a machine: boot_hosts removes
+what another set left (its names and addresses are these)."""
 
 import json
 import os
