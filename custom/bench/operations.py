@@ -54,9 +54,9 @@ def run(quick: bool, work: Path) -> list[Measurement]:
 
 
 def ssh_deploys(quick: bool, work: Path) -> list[Measurement]:
-    """`make deploy` over SSH to the three test hosts (flare-server, hospital_a, hospital_b; every participant
-    native, the hosts' venv already there as on production hosts): first onto freshly made hosts (kits, local/,
-    service user, systemd units, start), then again with nothing changed. No measurement where this machine
+    """`make deploy` over SSH to the three test hosts (the project's server and sites; every participant native,
+    the hosts' venv already there as on production hosts): first onto freshly made hosts (kits, local/, service
+    user, systemd units, start), then again with nothing changed. No measurement where this machine
     cannot make the hosts (printed)."""
     if reason := ssh_test_hosts.can_make_hosts():
         print(f"bench operations: no deploys over SSH: {reason}", flush=True)
@@ -77,7 +77,7 @@ def ssh_deploys(quick: bool, work: Path) -> list[Measurement]:
     for i in range(firsts):
         booted = ssh_test_hosts.boot_hosts(work / f"hosts{i}", key, ssh_test_hosts.HOSTS)
         try:
-            for site in ("hospital_a", "hospital_b"):  # the deploy checks each site's data root
+            for site in ssh_test_hosts.SITES:  # the deploy checks each site's data root
                 shutil.copytree(coordinator / "data" / site, work / f"hosts{i}" / site / "opt" / "data")
             ssh_test_hosts.known_hosts(key).unlink(missing_ok=True)  # new hosts, new host keys: pinned afresh
             timed([SCRIPTS / "trust_hosts.sh"], env, REPO, log)

@@ -1,5 +1,5 @@
 """SSH test hosts for deploying over real SSH on one machine (tests/deploy and row "operations" of make bench):
-flare-server, hospital_a and hospital_b, each a network namespace on a bridge with its own address, booted like a
+the participants of provision/project.yml (the server and the sites), each a network namespace on a bridge with its own address, booted like a
 machine: a pid namespace whose PID 1 is systemd (the host's supervisor of the participants), which runs the host's
 sshd as a unit. Each host has its own /etc, /opt, /root, /tmp and /run (bind mounts and a tmpfs in its mount
 namespace) and its own cgroup (hclsd/<host> in systemd's hierarchies); units a container does not need are masked
@@ -21,10 +21,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 PREFIX = "hclsd"  # namespaces hclsd-h<i>, root-side veths hclsd-v<i>, bridge hclsd-br
 BRIDGE, BRIDGE_ADDR = f"{PREFIX}-br", "10.77.0.1"
-HOSTS = {"flare-server": "10.77.0.10", "hospital_a": "10.77.0.11", "hospital_b": "10.77.0.12"}
+_PARTICIPANTS = yaml.safe_load((REPO / "provision" / "project.yml").read_text())["participants"]
+SERVER = next(p["name"] for p in _PARTICIPANTS if p["type"] == "server")
+SITES = [p["name"] for p in _PARTICIPANTS if p["type"] == "client"]
+# provision/project.yml's server and sites (one host each) at .10, .11, ... of the bridge's network
+HOSTS = {name: f"10.77.0.{10 + i}" for i, name in enumerate([SERVER, *SITES])}
 DATA_ROOT = "/opt/data"  # on every client host
 # A host that test_ssh_sites.py adds to the running federation (make add-site): made and booted only there.
-SPARE_HOSTS = {"hospital_c": "10.77.0.13"}
+SPARE_HOSTS = {"hospital_c": f"10.77.0.{10 + len(HOSTS)}"}
 ALL_HOSTS = {**HOSTS, **SPARE_HOSTS}
 DOCKER_DATA_ROOT = "/var/lib/hcls-docker"  # scripts/docker_engine.sh's, which holds the image test_containers built
 # The machine's cgroup v1 controllers, mounted for the container site's dockerd only (runc needs them).
