@@ -68,10 +68,10 @@ def ssh_deploys(quick: bool, work: Path) -> list[Measurement]:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
     coordinator = work / "coordinator"
     env = {**os.environ, **DATA, "HCLS_WORKSPACE": str(coordinator), "MODELS_DIR": str(work / "models"),
-           "INVENTORY": str(ssh_test_hosts.write_inventory(work / "hosts.yml", key)), "SERVER_HOST": "flare-server",
-           "ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg")}  # fmt: skip
+           "INVENTORY": str(ssh_test_hosts.write_inventory(work / "hosts.yml", key)),
+           "SERVER_HOST": ssh_test_hosts.SERVER, "ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg")}  # fmt: skip
     log = work / "operations_ssh.log"
-    timed([SCRIPTS / "provision.sh"], env, REPO, log)  # kits that dial flare-server
+    timed([SCRIPTS / "provision.sh"], env, REPO, log)  # kits that dial the server host by its name
     timed([SCRIPTS / "generate_data.sh", "cxr_classification"], env, REPO, log)
     first, again = [], []
     for i in range(firsts):

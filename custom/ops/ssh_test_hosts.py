@@ -1,11 +1,11 @@
 """SSH test hosts for deploying over real SSH on one machine (tests/deploy and row "operations" of make bench):
-the participants of provision/project.yml (the server and the sites), each a network namespace on a bridge with its own address, booted like a
-machine: a pid namespace whose PID 1 is systemd (the host's supervisor of the participants), which runs the host's
-sshd as a unit. Each host has its own /etc, /opt, /root, /tmp and /run (bind mounts and a tmpfs in its mount
-namespace) and its own cgroup (hclsd/<host> in systemd's hierarchies); units a container does not need are masked
-in its /etc. The hosts have the project venv at /opt/hcls-flare/venv (read-only), as production hosts have theirs.
-Needs root and openssh-server (scripts/setup.sh installs it). One set at a time on a machine: boot_hosts removes
-what another set left (its names and addresses are these)."""
+the participants of provision/project.yml (the server and the sites), each a network namespace on a bridge with its
+own address, booted like a machine: a pid namespace whose PID 1 is systemd (the host's supervisor of the
+participants), which runs the host's sshd as a unit. Each host has its own /etc, /opt, /root, /tmp and /run (bind
+mounts and a tmpfs in its mount namespace) and its own cgroup (hclsd/<host> in systemd's hierarchies); units a
+container does not need are masked in its /etc. The hosts have the project venv at /opt/hcls-flare/venv
+(read-only), as production hosts have theirs. Needs root and openssh-server (scripts/setup.sh installs it). One set
+at a time on a machine: boot_hosts removes what another set left (its names and addresses are these)."""
 
 import json
 import os
@@ -33,6 +33,8 @@ ALL_HOSTS = {**HOSTS, **SPARE_HOSTS}
 DOCKER_DATA_ROOT = "/var/lib/hcls-docker"  # scripts/docker_engine.sh's, which holds the image test_containers built
 # The machine's cgroup v1 controllers, mounted for the container site's dockerd only (runc needs them).
 CONTROLLERS = "cpu cpuacct cpuset memory devices freezer blkio pids"
+
+
 def sh(*cmd, check=True):
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     if check and result.returncode != 0:
