@@ -43,9 +43,11 @@ def run(job_name: str, job: JobConfig, site: SiteConfig, trainer: Trainer) -> No
     """Receive the global model, evaluate it, train, send the update, until the job ends.
 
     The received global model is evaluated first: the server's best-model selection uses that metric.
-    For cross-site validation the site submits its best local model. The site's privacy policy comes
-    first: fewer than ``min_dataset_size`` training samples, or a site that requires differential privacy
-    and a trainer without ``dp_accounting``, stop the trainer before any training. With DP, every result
+    For cross-site validation the site submits its local model: with ``trainer.local_model`` "best" (the default)
+    the best by the key metric, evaluated after every round's training; with "last" the last round's, not
+    evaluated (one evaluation a round less). The site's privacy policy comes first: fewer than
+    ``min_dataset_size`` training samples, or a site that requires differential privacy and a trainer without
+    ``dp_accounting``, stop the trainer before any training. With DP, every result
     that carries weights also carries the DP accounting (epsilon spent so far), which the site's filter checks.
     """
     import nvflare.client as flare
@@ -61,6 +63,7 @@ def run(job_name: str, job: JobConfig, site: SiteConfig, trainer: Trainer) -> No
             "has no differential privacy support: this site does not train it"
         )
     key_metric, model = job.key_metric, trainer.model
+    keep_best = local_model_choice(job) == "best"
     dp_meta = trainer.dp_accounting or dict
     writer = SummaryWriter()
     writer.add_scalar("n_train", trainer.n_train, global_step=0)  # the model passport's training-sample count
@@ -89,25 +92,38 @@ def run(job_name: str, job: JobConfig, site: SiteConfig, trainer: Trainer) -> No
 
         round_no = input_model.current_round
         train_loss, steps = trainer.train()
-        local = trainer.evaluate()[key_metric]
-        best = load_best_local(best_path)
-        if local > (best["value"] if best else -math.inf):  # nan never counts as better
+        local = trainer.evaluate()[key_metric] if keep_best else None
+        best = load_best_local(best_path) if keep_best else None
+        if not keep_best or local > (best["value"] if best else -math.inf):  # nan never counts as better
             save_best_local(best_path, model.state_dict(), local, round_no)
 
         writer.add_scalar("train_loss", train_loss, global_step=round_no)
         for metric, value in metrics.items():
             writer.add_scalar(metric, value, global_step=round_no)
-        writer.add_scalar(f"{key_metric}_local", local, global_step=round_no)
+        if keep_best:
+            writer.add_scalar(f"{key_metric}_local", local, global_step=round_no)
         privacy = dp_meta()
         if privacy:
             writer.add_scalar("dp_epsilon", privacy["dp_epsilon"], global_step=round_no)
+        local_text = f" {key_metric}_local={local:.4f}" if keep_best else ""
         print(
             f"[{name}] round {round_no}: train_loss={train_loss:.4f} {key_metric}={metrics[key_metric]:.4f} "
-            f"(global model) {key_metric}_local={local:.4f} steps={steps} compute {time.time() - started:.3f}s"
+            f"(global model){local_text} steps={steps} compute {time.time() - started:.3f}s"
             + (f" dp_epsilon={privacy['dp_epsilon']:.3f} of {site.dp_policy['epsilon']}" if privacy else "")
         )
         meta = {"NUM_STEPS_CURRENT_ROUND": steps, **privacy}
         flare.send(FLModel(params=model.state_dict(), metrics=metrics, meta=meta))
+
+
+LOCAL_MODELS = ("best", "last")
+
+
+def local_model_choice(job: JobConfig) -> str:
+    """``trainer.local_model``: which local model the site submits for cross-site validation."""
+    choice = job.trainer().get("local_model", "best")
+    if choice not in LOCAL_MODELS:
+        raise ValueError(f"{job.client_path}: trainer.local_model {choice!r} is not one of {', '.join(LOCAL_MODELS)}")
+    return choice
 
 
 def shaped_like(model, params: dict) -> dict:
@@ -129,13 +145,14 @@ def site_job_dir(job_id: str) -> Path:
 
 
 def load_best_local(path: Path):
-    """``{"state_dict", "value", "round"}`` of the site's best local model so far, or None."""
+    """``{"state_dict", "value", "round"}`` of the local model the site submits for cross-site validation (the best
+    so far, or the last: ``value`` nan), or None."""
     return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
-def save_best_local(path: Path, state_dict: dict, value: float, round_no: int) -> None:
-    """Atomically: a trainer killed while saving leaves the previous best."""
+def save_best_local(path: Path, state_dict: dict, value: float | None, round_no: int) -> None:
+    """Atomically: a trainer killed while saving leaves the previous one. ``value`` None: not evaluated."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"state_dict": state_dict, "value": float(value), "round": round_no}, tmp)
+    torch.save({"state_dict": state_dict, "value": math.nan if value is None else float(value), "round": round_no}, tmp)
     os.replace(tmp, path)

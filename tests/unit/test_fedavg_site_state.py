@@ -8,8 +8,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "custom"))
-from hcls.client_loop import load_best_local, save_best_local, shaped_like  # noqa: E402
+from hcls.client_loop import load_best_local, local_model_choice, save_best_local, shaped_like  # noqa: E402
 from hcls.dp_sgd import make_private  # noqa: E402
+from hcls.job_config import JobConfig  # noqa: E402
+from ops import job_builder  # noqa: E402
 
 DP = {"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}
 
@@ -23,6 +25,30 @@ def test_the_best_local_model_is_a_file(tmp_path):
     assert (best["value"], best["round"]) == (0.6, 2)
     assert all(torch.equal(best["state_dict"][k], v) for k, v in model.state_dict().items())
     assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_the_last_local_model_is_kept_without_a_value(tmp_path):
+    path = tmp_path / "best_local_model.pt"
+    save_best_local(path, torch.nn.Linear(3, 2).state_dict(), None, round_no=4)
+    last = load_best_local(path)
+    assert last["round"] == 4 and last["value"] != last["value"]  # nan: not evaluated
+
+
+@pytest.mark.parametrize("job", ["cxr_classification", "ct_segmentation", "lung_nodule_detection"])
+def test_which_local_model_a_site_submits_for_cross_site_validation(tmp_path, job):
+    """The best by the key metric unless a profile says the last (the demo profiles: one evaluation a round less);
+    any other value is refused naming the file and the field."""
+    def built(profile, overlay=None):
+        config = job_builder.resolve(job, profile)
+        config = job_builder.merge(config, overlay, "test overlay") if overlay else config
+        return JobConfig.from_job_folder(job_builder.write_job(config, tmp_path / f"{profile}{bool(overlay)}"))
+
+    assert local_model_choice(built("")) == "best"
+    assert local_model_choice(built("demo")) == "last"
+    wrong = built("", {"client": {"trainer": {"local_model": "final"}}})
+    message = r"config_fed_client.json: trainer.local_model 'final' is not one of best, last"
+    with pytest.raises(ValueError, match=message):
+        local_model_choice(wrong)
 
 
 def test_a_new_trainer_takes_flat_weights_in_its_networks_shapes():
