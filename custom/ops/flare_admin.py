@@ -64,6 +64,7 @@ JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 JOB_ID = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")  # NVFlare job ids are UUIDs
 WEIGHT_SUFFIXES = {".pt", ".pth", ".ckpt", ".ts", ".safetensors", ".onnx"}  # fetched files that hold weights: 0600
 CONNECT_S = 30  # how long one connection attempt may take
+OPEN_TRIES, OPEN_PAUSE_S = 3, 2.0  # a command's first session: tries, pause between them
 RETRY_S = (1.0, 30.0)  # reconnection backoff: first pause, longest pause
 
 
@@ -98,11 +99,21 @@ def connect(kit: str, timeout: float = CONNECT_S):
 
 
 def open_session(kit: str):
-    """``connect``, for a command's first session: a server that does not answer is an error, nothing to follow on."""
-    try:
-        return connect(kit)
-    except ServerLost as e:
-        raise AdminError(f"cannot reach the FLARE server with {kit} ({e}): run 'make deploy' first") from e
+    """``connect``, for a command's first session: a server that does not answer is an error, nothing to follow on.
+
+    A login that fails fast (seen once in many hundreds: the server's reply to the identity challenge carried no
+    certificate while it was busy ending a job) is tried again, OPEN_TRIES times in all, OPEN_PAUSE_S apart, within
+    CONNECT_S; a server that is down takes the whole CONNECT_S in the first try and is not tried again."""
+    deadline = time.monotonic() + CONNECT_S
+    for attempt in range(1, OPEN_TRIES + 1):
+        try:
+            return connect(kit, max(1.0, deadline - time.monotonic()))
+        except ServerLost as e:
+            error = e
+        if attempt == OPEN_TRIES or time.monotonic() + OPEN_PAUSE_S >= deadline:
+            break
+        time.sleep(OPEN_PAUSE_S)
+    raise AdminError(f"cannot reach the FLARE server with {kit} (try {attempt}: {error}): run 'make deploy' first") from error
 
 
 @contextmanager

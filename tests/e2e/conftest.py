@@ -14,8 +14,10 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-SERVER = next(p for p in yaml.safe_load((REPO / "provision" / "project.yml").read_text())["participants"]
-              if p["type"] == "server")  # fmt: skip
+PROJECT_FILE = yaml.safe_load((REPO / "provision" / "project.yml").read_text())
+PROJECT = PROJECT_FILE["name"]
+SERVER = next(p for p in PROJECT_FILE["participants"] if p["type"] == "server")
+PROJECT_ADMIN = next(p["name"] for p in PROJECT_FILE["participants"] if p.get("role") == "project_admin")
 PORTS = (SERVER["fed_learn_port"], SERVER["admin_port"])
 TINY_DATA = json.loads((REPO / "tests" / "tiny_data.json").read_text())  # generator sizes (scripts/generate_data.sh)
 
@@ -31,6 +33,15 @@ def run(*args, env, check=True, timeout=900):
 
 def root_ca_fingerprint(out: str) -> str:
     return re.search(r"root CA: (.*)", out).group(1)
+
+
+def kit_root(env) -> Path:
+    """The latest provisioning's kits (one folder per participant)."""
+    return sorted((Path(env["HCLS_WORKSPACE"]) / "provision" / PROJECT).glob("prod_*"))[-1]
+
+
+def admin_kit(env) -> str:
+    return str(kit_root(env) / PROJECT_ADMIN)
 
 
 def port_in_use(port: int) -> bool:

@@ -11,7 +11,7 @@ import pytest
 import tenseal as ts
 import torch
 
-from .conftest import REPO, approve, run
+from .conftest import REPO, admin_kit, approve, run
 from monai.networks.nets import DenseNet
 
 sys.path.insert(0, str(REPO / "custom"))
@@ -32,11 +32,6 @@ def he_profile() -> dict:
     profile["client"]["trainer"] = {"image_size": [32, 32], "batch_size": 8, "num_workers": 0,
                                     "optimizer": {"name": "Adam", "args": {"lr": 0.001}}}  # fmt: skip
     return profile
-
-
-def admin_kit(env) -> str:
-    kits = sorted((Path(env["HCLS_WORKSPACE"]) / "provision" / "hcls-ai-factory").glob("prod_*"))
-    return str(kits[-1] / "admin@hcls-ai-factory.org")
 
 
 @pytest.fixture(scope="module")

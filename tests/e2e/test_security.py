@@ -15,20 +15,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO, run, submit_and_fetch
+from .conftest import PROJECT, REPO, admin_kit, kit_root, run, submit_and_fetch
 
 sys.path.insert(0, str(REPO / "custom"))
 from datagen.cxr import IDENTIFIER_COLUMNS  # noqa: E402
 from ops import flare_admin  # noqa: E402
 
-PROJECT = "hcls-ai-factory"
 TINY = json.loads((Path(__file__).resolve().parents[1] / "tiny_cxr_profile.json").read_text())  # 2 rounds, 32 px
 HANDSHAKE_WAIT_S = 180  # a client process needs ~10 s to dial the server; far more on a loaded 2-core machine
 REGISTER_WINDOW_S = 60  # how long a foreign certificate that trusts our CA keeps trying to register
-
-
-def kit_root(env) -> Path:
-    return sorted((Path(env["HCLS_WORKSPACE"]) / "provision" / PROJECT).glob("prod_*"))[-1]
 
 
 def foreign_kit(tmp_path: Path, trust_our_ca_from: Path | None) -> Path:
@@ -72,7 +67,7 @@ def test_a_site_kit_from_another_root_ca_cannot_join(deployed, env, tmp_path, tr
     assert "Successfully registered client:hospital_x" not in output
     if not trusts_our_server:
         assert "CERTIFICATE_VERIFY_FAILED" in output
-    with flare_admin.session(str(kit_root(env) / "admin@hcls-ai-factory.org")) as sess:
+    with flare_admin.session(admin_kit(env)) as sess:
         assert sorted(c.name for c in sess.get_system_info().client_info) == ["hospital_a", "hospital_b"]
 
 
@@ -114,7 +109,7 @@ def test_every_provisioned_and_deployed_connection_is_mutual_tls(deployed, env):
 
 def test_no_patient_identifier_reaches_any_log(deployed, env, tmp_path):
     _, job_id = submit_and_fetch("cxr_classification", TINY, env, tmp_path)
-    with flare_admin.session(str(kit_root(env) / "admin@hcls-ai-factory.org")) as sess:
+    with flare_admin.session(admin_kit(env)) as sess:
         server_job = Path(sess.download_job_result(job_id, destination=str(tmp_path)))  # the server job's logs
     identifiers = set()
     for csv_path in (Path(env["HCLS_WORKSPACE"]) / "data").glob("*/*/*.csv"):
