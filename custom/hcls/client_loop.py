@@ -92,20 +92,23 @@ def run(job_name: str, job: JobConfig, site: SiteConfig, trainer: Trainer) -> No
 
         round_no = input_model.current_round
         train_loss, steps = trainer.train()
-        local = trainer.evaluate()[key_metric] if keep_best else None
-        best = load_best_local(best_path) if keep_best else None
-        if not keep_best or local > (best["value"] if best else -math.inf):  # nan never counts as better
-            save_best_local(best_path, model.state_dict(), local, round_no)
+        local_text = ""
+        if keep_best:  # the local model after training, kept when it beats the best one so far
+            local = trainer.evaluate()[key_metric]
+            best = load_best_local(best_path)
+            if local > (best["value"] if best else -math.inf):  # nan never counts as better
+                save_best_local(best_path, model.state_dict(), local, round_no)
+            writer.add_scalar(f"{key_metric}_local", local, global_step=round_no)
+            local_text = f" {key_metric}_local={local:.4f}"
+        else:  # the last local model, not evaluated
+            save_best_local(best_path, model.state_dict(), None, round_no)
 
         writer.add_scalar("train_loss", train_loss, global_step=round_no)
         for metric, value in metrics.items():
             writer.add_scalar(metric, value, global_step=round_no)
-        if keep_best:
-            writer.add_scalar(f"{key_metric}_local", local, global_step=round_no)
         privacy = dp_meta()
         if privacy:
             writer.add_scalar("dp_epsilon", privacy["dp_epsilon"], global_step=round_no)
-        local_text = f" {key_metric}_local={local:.4f}" if keep_best else ""
         print(
             f"[{name}] round {round_no}: train_loss={train_loss:.4f} {key_metric}={metrics[key_metric]:.4f} "
             f"(global model){local_text} steps={steps} compute {time.time() - started:.3f}s"
