@@ -33,6 +33,8 @@ from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
+from hcls.process_memory import release_large_blocks
+
 ROUNDS_FILE = "rounds.json"
 BEST_FILE = "best_metric.json"
 ROUND_KEY = "round"  # the key of the global model file that names the round it comes from
@@ -107,6 +109,7 @@ class FedAvg(ScatterAndGather):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        release_large_blocks()  # this is the server's job process
         if self._train_timeout <= 0:
             raise ValueError("FedAvg: train_timeout must be > 0 seconds (it bounds how long a round waits for a site)")
         self._record = None

@@ -29,6 +29,8 @@ from nvflare.app_common.executors.client_api.external_process_backend import Ext
 from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
 from nvflare.security.logging import secure_format_traceback
 
+from hcls.process_memory import release_large_blocks
+
 JOB_USER_ENV = "HCLS_JOB_USER"
 
 
@@ -104,6 +106,10 @@ class RelaunchingBackend(ExternalProcessBackend):
 
 class RelaunchingClientAPIExecutor(ClientAPIExecutor):
     """``ClientAPIExecutor`` whose external_process trainer is started again after it was lost."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        release_large_blocks()  # this is the site's job process; the trainer is a process of its own
 
     def _create_external_process_backend(self):
         return RelaunchingBackend()
